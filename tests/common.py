@@ -1,0 +1,47 @@
+"""Small models, configs and weights shared by the tests."""
+import re
+import zlib
+
+import torch
+
+from trainer.config import ModelConfig, MoEConfig, ProjectConfig
+
+VOCAB = 20
+
+
+def tiny_project(mode="omni", k=1, drop_tokens=False, layers=3, **moe) -> ProjectConfig:
+    return ProjectConfig(model=ModelConfig(n_mels=8, frame_stacking=2, d_model=16, num_layers=layers, num_heads=2,
+                                           ffn_dim=24, dropout=0.0),
+                         moe=MoEConfig(mode=mode, num_experts=4, top_k=k, drop_tokens=drop_tokens, min_capacity=1,
+                                       lb_coef=0.01, z_coef=0.001, **moe))
+
+
+def ds_dict(stage=0, gas=1, lr=1e-3) -> dict:
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": gas,
+            "optimizer": {"type": "AdamW", "params": {"lr": lr, "torch_adam": True}},
+            "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
+
+
+def global_name(name: str, ep_rank: int, n_local: int) -> str:
+    """A parameter's name as a one-rank model would call it: local expert j on rank r is global r*n+j."""
+    return re.sub(r"deepspeed_experts\.(\d+)\.", lambda m: f"deepspeed_experts.{ep_rank * n_local + int(m[1])}.",
+                  name)
+
+
+def fill_weights(model, ep_rank=0, n_local=None):
+    """Give every parameter values drawn from its global name, so experts differ and every layout agrees."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            g = torch.Generator().manual_seed(zlib.crc32(global_name(name, ep_rank, n_local or 0).encode()))
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def batch(seed: int, n_mels=8, lengths=(13, 10, 7)) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    feats = torch.randn(len(lengths), T, n_mels, generator=g)
+    for i, n in enumerate(lengths):
+        feats[i, n:] = 0.0
+    tl = torch.tensor([max(1, n // 4) for n in lengths])
+    targets = torch.randint(1, VOCAB + 1, (len(lengths), int(tl.max())), generator=g)
+    return {"feats": feats, "lengths": torch.tensor(lengths), "targets": targets, "target_lengths": tl}

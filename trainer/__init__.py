@@ -1,0 +1,1 @@
+"""Omni-Router: mixture-of-experts CTC speech recognition with one router shared by all MoE layers."""

@@ -1,0 +1,97 @@
+"""Entry point: ``deepspeed trainer/main.py --deepspeed_config ds_configs/omni.json [--num_gpus 2]``.
+
+With no data flags it trains on the embedded corpus (built on first use); manifests of your own data are
+flags. Rank 0 prepares shared files (corpus, tokenizer) while the others wait at a barrier.
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file by a launcher: import the package, never its modules as siblings
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse  # noqa: E402
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from trainer.config import ConfigError, load_config, resolve_ep_size, with_overrides  # noqa: E402
+from trainer.corpus import build_corpus  # noqa: E402
+from trainer.data import DataError, SpeechDataset, read_manifest  # noqa: E402
+from trainer.engine import build_engine, build_model, init_distributed, log0, train  # noqa: E402
+from trainer.text import Tokenizer  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    p.add_argument("--train_manifest", action="append", default=None,
+                   help="NeMo JSON-lines manifest (repeatable); default: the embedded corpus")
+    p.add_argument("--dev_manifest", action="append", default=None, help="dev manifest (repeatable)")
+    p.add_argument("--output_dir", default=None, help="overrides omni_router.run.output_dir")
+    p.add_argument("--max_steps", type=int, default=None, help="overrides omni_router.run.max_steps")
+    p.add_argument("--corpus_dir", default=None, help="overrides omni_router.data.corpus_dir")
+    deepspeed.add_config_arguments(p)
+    args = p.parse_args(argv)
+    if not args.deepspeed_config:
+        p.error("--deepspeed_config is required (for example ds_configs/omni.json)")
+    return args
+
+
+def load_project(args):
+    ds_config, project = load_config(args.deepspeed_config)
+    run = {k: v for k, v in (("output_dir", args.output_dir), ("max_steps", args.max_steps)) if v is not None}
+    data = {k: v for k, v in (("train_manifests", args.train_manifest), ("dev_manifests", args.dev_manifest),
+                              ("corpus_dir", args.corpus_dir)) if v is not None}
+    return ds_config, with_overrides(project, run=run, data=data)
+
+
+def prepare_data(project, rank: int):
+    """Manifests (the embedded corpus unless given) and the tokenizer, made once by rank 0."""
+    data, out = project.data, Path(project.run.output_dir)
+    train_m, dev_m = list(data.train_manifests), list(data.dev_manifests)
+    if not train_m:
+        if rank == 0:
+            build_corpus(data.corpus_dir, data.corpus_sentences, seed=project.run.seed)
+        dist.barrier()
+        corpus = Path(data.corpus_dir).expanduser()
+        train_m, dev_m = [str(corpus / "train.jsonl")], dev_m or [str(corpus / "dev.jsonl")]
+    if not dev_m:
+        raise DataError("no dev manifest: pass --dev_manifest (or omni_router.data.dev_manifests)")
+    train_utts = [u for m in train_m for u in read_manifest(m, data.max_duration)]
+    dev_utts = [u for m in dev_m for u in read_manifest(m, data.max_duration)]
+    if not train_utts or not dev_utts:
+        raise DataError(f"no usable utterance in {train_m if not train_utts else dev_m}")
+    sp_path = out / "tokenizer.model"
+    if rank == 0 and not sp_path.exists():
+        Tokenizer.train([u.text for u in train_utts], str(sp_path), data.vocab_size)
+    dist.barrier()
+    tokenizer = Tokenizer(str(sp_path))
+    n_mels = project.model.n_mels
+    return SpeechDataset(train_utts, tokenizer, n_mels), SpeechDataset(dev_utts, tokenizer, n_mels), tokenizer
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        ds_config, project = load_project(args)
+    except ConfigError as e:
+        print(f"config error:\n{e}", file=sys.stderr)
+        return 2
+    rank, world = init_distributed()
+    try:
+        train_set, dev_set, tokenizer = prepare_data(project, rank)
+    except (DataError, FileNotFoundError) as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
+    model = build_model(project, tokenizer.vocab_size)
+    engine = build_engine(ds_config, project, model)
+    params = sum(p.numel() for p in model.parameters())
+    log0(f"mode {project.moe.mode}: {params:,} parameters on rank 0, {len(model.routers())} router(s), "
+         f"{world} rank(s), ep_size {resolve_ep_size(project.moe, world)}, {len(train_set)} train / {len(dev_set)} dev utterances, "
+         f"vocabulary {tokenizer.vocab_size}")
+    train(engine, project, train_set, dev_set, tokenizer, project.run.output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
