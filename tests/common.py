@@ -44,4 +44,5 @@ def batch(seed: int, n_mels=8, lengths=(13, 10, 7)) -> dict:
         feats[i, n:] = 0.0
     tl = torch.tensor([max(1, n // 4) for n in lengths])
     targets = torch.randint(1, VOCAB + 1, (len(lengths), int(tl.max())), generator=g)
-    return {"feats": feats, "lengths": torch.tensor(lengths), "targets": targets, "target_lengths": tl}
+    return {"feats": feats, "lengths": torch.tensor(lengths), "targets": targets, "target_lengths": tl,
+            "weight": torch.ones(len(lengths))}

@@ -66,14 +66,38 @@ class MoEConfig(_Strict):
         return self
 
 
+class HFSource(_Strict):
+    """A Hugging Face dataset on local disk: a save_to_disk folder, an audiofolder, or parquet files."""
+    path: str
+    kind: Literal["saved", "audiofolder", "parquet"] = "saved"
+    split: str = "train"
+    audio_column: str = "audio"
+    text_column: str = "text"
+
+
+class SpecAugmentConfig(_Strict):
+    freq_masks: int = 2
+    freq_width: int = 27
+    time_masks: int = 2
+    time_width: int = 40
+
+
 class DataConfig(_Strict):
     train_manifests: list[str] = []
     dev_manifests: list[str] = []
+    train_hf: list[HFSource] = []
+    dev_hf: list[HFSource] = []
     corpus_dir: str = "~/.cache/omni-router/demo-corpus"
     corpus_sentences: int = 3000
     vocab_size: int = 256
     max_frames_per_batch: int = 12000
     max_duration: float = 20.0
+    strict_data: bool = False
+    num_workers: int = 0
+    cache_features: bool = True
+    global_cmvn: str = ""
+    specaugment: SpecAugmentConfig = SpecAugmentConfig()
+    speed_perturb: list[float] = []
 
 
 class RunConfig(_Strict):

@@ -1,48 +1,60 @@
-"""The embedded default corpus: English sentences from WordNet's examples spoken by espeak-ng, offline.
+"""The embedded default corpus: English sentences from WordNet spoken by Debian's offline speech engines.
 
-Sentences are split train/dev/test by a hash of their normalised text, so no sentence is in two splits;
-each utterance gets a voice, variant, speed and pitch drawn from a seed and the sentence, so a rebuild is
-bit-for-bit the same. Written as 16 kHz FLAC plus NeMo-style JSON-lines manifests, built in a temporary
-folder and renamed into place, so an interrupted build never leaves a half corpus behind.
+Training voices (espeak-ng accents and variants, flite kal16/awb/rms, festival kal_diphone) speak WordNet's
+usage examples, split train/dev/test by a hash of their normalised text, so no sentence is in two splits. A
+fourth split, ``test_ood``, is held out twice over: other voices (flite slt, espeak-ng's Scottish and
+Caribbean accents) speaking another text source (WordNet's glosses). Voice, speed and pitch are drawn from
+the seed and the sentence, so a rebuild is the same. Written as 16 kHz FLAC plus NeMo-style JSON-lines
+manifests, built in a temporary folder and renamed into place: an interrupted build leaves no half corpus.
 """
 import hashlib
-import io
 import json
 import os
 import random
 import re
 import shutil
 import subprocess
+import tempfile
 from multiprocessing import Pool
 from pathlib import Path
 
 import soundfile as sf
 import torch
-import torchaudio
 from tqdm import tqdm
 
-from trainer.audio import SAMPLE_RATE
+from trainer.audio import SAMPLE_RATE, load_audio
 from trainer.text import normalize
 
 WORDNET = Path("/usr/share/wordnet")
-VERSION = 1
-VOICES = ["en-us", "en-gb", "en-gb-x-rp"]
-VARIANTS = ["m1", "m3", "f2", "f4"]
-SPLITS = ("train", "dev", "test")
+VERSION = 2
+# (engine, voice, share of utterances). festival starts slowly (0.5 s a call) and flite's awb and rms take
+# 90 ms a sentence against 20-40 ms for the others, so they speak smaller shares.
+TRAIN_VOICES = [("espeak-ng", f"{accent}+{variant}", 0.77 / 12) for accent in ("en-us", "en-gb", "en-gb-x-rp")
+                for variant in ("m1", "m3", "f2", "f4")] + \
+               [("flite", "kal16", 0.1), ("flite", "awb", 0.05), ("flite", "rms", 0.05),
+                ("festival", "voice_kal_diphone", 0.03)]
+HELD_OUT_VOICES = [("flite", "slt", 0.5), ("espeak-ng", "en-gb-scotland+m2", 0.25), ("espeak-ng", "en-029+f3", 0.25)]
+ENGINE_PACKAGES = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "festival festvox-kallpc16k"}
+SPLITS = ("train", "dev", "test", "test_ood")
 _CLEAN = re.compile(r"^[A-Za-z][A-Za-z ,.;:'?!]*$")
 
 
-def wordnet_sentences(min_words: int = 3, max_words: int = 10) -> list[str]:
-    """WordNet's quoted usage examples that are plain words only (no digits, symbols or abbreviations)."""
+def wordnet_sentences(kind: str = "examples", min_words: int = 3, max_words: int = 10) -> list[str]:
+    """WordNet's quoted usage examples, or its glosses (definitions), that are plain words only:
+    no digits, symbols or abbreviations, so the transcript is exactly what is spoken."""
     if not WORDNET.exists():
         raise FileNotFoundError(f"{WORDNET} not found: install Debian's wordnet-base (apt-get install wordnet-base)")
     seen, out = set(), []
     for part in ("noun", "verb", "adj", "adv"):
         for line in (WORDNET / f"data.{part}").read_text(errors="replace").splitlines():
-            for quote in re.findall(r'"([^"]+)"', line):
-                if not _CLEAN.match(quote) or re.search(r"\b[A-Z]{2,}\b", quote):
+            if "|" not in line:
+                continue
+            gloss = line.split("|", 1)[1]
+            texts = re.findall(r'"([^"]+)"', gloss) if kind == "examples" else [gloss.split(";")[0].strip()]
+            for text in texts:
+                if not _CLEAN.match(text) or re.search(r"\b[A-Z]{2,}\b", text):
                     continue
-                norm = normalize(quote)
+                norm = normalize(text)
                 if min_words <= len(norm.split()) <= max_words and norm not in seen:
                     seen.add(norm)
                     out.append(norm)
@@ -58,19 +70,44 @@ def split_of(sentence: str) -> str:
     return {0: "dev", 1: "test"}.get(_digest(sentence) % 20, "train")
 
 
+def _pick(voices: list, rng: random.Random) -> tuple:
+    return rng.choices(voices, weights=[w for _, _, w in voices])[0][:2]
+
+
+def _speak(engine: str, voice: str, text: str, rng: random.Random, wav: str):
+    if engine == "espeak-ng":
+        cmd = ["espeak-ng", "-v", voice, "-s", str(rng.randint(145, 185)), "-p", str(rng.randint(35, 65)),
+               "-w", wav, text]
+        subprocess.run(cmd, check=True, capture_output=True)
+    elif engine == "flite":
+        cmd = ["flite", "-voice", voice, "--setf", f"duration_stretch={rng.uniform(0.9, 1.15):.2f}", "-t", text,
+               "-o", wav]
+        subprocess.run(cmd, check=True, capture_output=True)
+    else:
+        subprocess.run(["text2wave", "-eval", f"({voice})", "-o", wav], input=text.encode(), check=True,
+                       capture_output=True)
+
+
 def _synthesize(job: tuple) -> dict:
     """Speak one sentence to FLAC; return its manifest row."""
-    root, name, text, seed = job
+    root, name, text, seed, held_out = job
     rng = random.Random(f"{seed}:{text}")
-    voice = f"{rng.choice(VOICES)}+{rng.choice(VARIANTS)}"
-    cmd = ["espeak-ng", "-v", voice, "-s", str(rng.randint(145, 185)), "-p", str(rng.randint(35, 65)),
-           "--stdout", text]
-    wav = subprocess.run(cmd, check=True, capture_output=True).stdout
-    data, rate = sf.read(io.BytesIO(wav), dtype="float32")
-    wave = torchaudio.functional.resample(torch.from_numpy(data), rate, SAMPLE_RATE).numpy()
+    engine, voice = _pick(HELD_OUT_VOICES if held_out else TRAIN_VOICES, rng)
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = os.path.join(tmp, "u.wav")
+        _speak(engine, voice, text, rng, wav)
+        wave = load_audio(wav).numpy()
     rel = f"audio/{name}.flac"
     sf.write(os.path.join(root, rel), wave, SAMPLE_RATE)
-    return {"audio_filepath": rel, "duration": round(len(wave) / SAMPLE_RATE, 3), "text": text, "voice": voice}
+    return {"audio_filepath": rel, "duration": round(len(wave) / SAMPLE_RATE, 3), "text": text,
+            "voice": f"{engine}:{voice}"}
+
+
+def check_engines():
+    missing = [pkg for exe, pkg in ENGINE_PACKAGES.items() if shutil.which("text2wave" if exe == "festival" else exe)
+               is None]
+    if missing:
+        raise FileNotFoundError(f"speech engines missing: apt-get install {' '.join(missing)}")
 
 
 def build_corpus(out_dir: str, train_sentences: int, seed: int = 0, workers: int = 0) -> dict:
@@ -81,26 +118,28 @@ def build_corpus(out_dir: str, train_sentences: int, seed: int = 0, workers: int
     stamp = out / "corpus.json"
     if stamp.exists() and json.loads(stamp.read_text()) == recipe:
         return manifests
-    if shutil.which("espeak-ng") is None:
-        raise FileNotFoundError("espeak-ng not found: install Debian's espeak-ng (apt-get install espeak-ng)")
+    check_engines()
     by_split = {s: [] for s in SPLITS}
     for text in sorted(wordnet_sentences(), key=_digest):
         by_split[split_of(text)].append(text)
-    held_out = max(50, train_sentences // 15)
-    chosen = {"train": by_split["train"][:train_sentences], "dev": by_split["dev"][:held_out],
-              "test": by_split["test"][:held_out]}
+    held = max(50, train_sentences // 15)
+    examples = set(by_split["train"] + by_split["dev"] + by_split["test"])
+    glosses = [t for t in sorted(wordnet_sentences("glosses"), key=_digest) if t not in examples]
+    chosen = {"train": by_split["train"][:train_sentences], "dev": by_split["dev"][:held],
+              "test": by_split["test"][:held], "test_ood": glosses[:held]}
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "audio").mkdir(parents=True)
-    jobs = [(str(tmp), f"{split}-{i:06d}", text, seed) for split in SPLITS for i, text in enumerate(chosen[split])]
+    jobs = [(str(tmp), f"{split}-{i:06d}", text, seed, split == "test_ood")
+            for split in SPLITS for i, text in enumerate(chosen[split])]
     # One torch thread per worker: the pool already uses every core, and oversubscription costs 4x.
     with Pool(workers or os.cpu_count(), initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        rows = list(tqdm(pool.imap(_synthesize, jobs, chunksize=16), total=len(jobs), desc="synthesising corpus",
+        rows = list(tqdm(pool.imap(_synthesize, jobs, chunksize=8), total=len(jobs), desc="synthesising corpus",
                          mininterval=5))
     for split in SPLITS:
         with open(tmp / f"{split}.jsonl", "w") as f:
-            for (_, name, _, _), row in zip(jobs, rows):
-                if name.startswith(split + "-"):
+            for job, row in zip(jobs, rows):
+                if job[1].startswith(split + "-"):
                     f.write(json.dumps(row) + "\n")
     (tmp / "corpus.json").write_text(json.dumps(recipe))
     shutil.rmtree(out, ignore_errors=True)

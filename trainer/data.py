@@ -1,87 +1,79 @@
-"""Manifests -> utterances -> features -> length-bucketed padded batches, the same count on every rank.
+"""Utterances -> features -> length-bucketed padded batches, the same number on every rank.
 
 Every rank must run the same number of steps (each MoE layer is an all-to-all over the expert group), so
-training drops the batches that do not divide evenly and evaluation repeats a batch, marked as filler.
+training drops the batches that do not divide evenly, evaluation repeats a batch marked as filler, and a batch
+whose every audio file fails to decode becomes a silent stand-in that carries no loss.
 """
-import json
 import random
+import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from trainer.audio import load_audio, log_mel
-from trainer.text import Tokenizer, normalize
+from trainer.audio import load_audio
+from trainer.config import DataConfig
+from trainer.features import Normalizer, SpecAugment, log_mel, speed_perturb
+from trainer.sources import Utterance, hf_audio_file
+from trainer.text import Tokenizer
 
-FRAMES_PER_SECOND = 100  # 10 ms hop
-
-
-class DataError(ValueError):
-    """A data problem, worded for the user: file, line, what is wrong."""
-
-
-@dataclass(frozen=True)
-class Utterance:
-    audio: str
-    duration: float
-    text: str
-    offset: float = 0.0
-
-    @property
-    def frames(self) -> int:
-        return int(self.duration * FRAMES_PER_SECOND)
-
-
-def read_manifest(path: str, max_duration: float = float("inf")) -> list[Utterance]:
-    """NeMo JSON lines: audio_filepath (absolute or relative to the manifest), duration, text, offset."""
-    base = Path(path).parent
-    out = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such manifest") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            audio, duration, text = row["audio_filepath"], float(row["duration"]), str(row["text"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{path}:{n}: not a manifest row with audio_filepath, duration and text ({e})") from None
-        if 0 < duration <= max_duration and normalize(text):
-            out.append(Utterance(str(base / audio), duration, text, float(row.get("offset", 0.0))))
-    return out
+STAND_IN_FRAMES = 8
 
 
 class SpeechDataset(Dataset):
-    """Features and label ids of utterances; small corpora keep their features in memory after one pass."""
+    """Features and labels of utterances. Features are cached when the data config allows (small corpora,
+    no speed perturbation); SpecAugment and speed perturbation apply to training sets only."""
 
-    def __init__(self, utterances: list[Utterance], tokenizer: Tokenizer, n_mels: int = 80, cache: bool = True):
-        self.utts, self.tokenizer, self.n_mels = utterances, tokenizer, n_mels
-        self.cache = {} if cache else None
+    def __init__(self, utts: list[Utterance], tokenizer: Tokenizer, data: DataConfig, n_mels: int, train: bool,
+                 seed: int = 0):
+        self.utts, self.tokenizer, self.n_mels = utts, tokenizer, n_mels
+        self.seed, self.epoch = seed, 0  # augmentation is a function of (seed, epoch, utterance) alone
+        self.normalize = Normalizer(data.global_cmvn)
+        self.augment = SpecAugment(data.specaugment) if train else None
+        self.speeds = list(data.speed_perturb) if train else []
+        self.cache = {} if data.cache_features and not self.speeds else None
 
     def __len__(self):
         return len(self.utts)
 
-    def __getitem__(self, i):
-        if self.cache is not None and i in self.cache:
-            return self.cache[i]
+    def features(self, i: int) -> torch.Tensor:
         u = self.utts[i]
-        item = (log_mel(load_audio(u.audio, u.offset, u.duration if u.offset else 0.0), self.n_mels),
-                torch.tensor(self.tokenizer.encode(u.text), dtype=torch.long), i)
+        source = hf_audio_file(u.hf, u.row) if u.hf else u.audio
+        wave = load_audio(source, u.offset, u.duration if u.offset else 0.0)
+        if self.speeds:
+            wave = speed_perturb(wave, random.Random(f"{self.seed}:{self.epoch}:{i}").choice(self.speeds))
+        return self.normalize(log_mel(wave, self.n_mels))
+
+    def __getitem__(self, i):
+        try:
+            feats = self.cache[i] if self.cache is not None and i in self.cache else self.features(i)
+        except Exception as e:  # any decoding failure skips the utterance; the run goes on
+            print(f"skipping {self.utts[i].origin}: audio {self.utts[i].audio} unreadable ({e})",
+                  file=sys.stderr, flush=True)
+            return None
         if self.cache is not None:
-            self.cache[i] = item
-        return item
+            self.cache[i] = feats
+        if self.augment is not None:
+            # Its own seed, not the global stream: the same masks whatever the worker count or a resume.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+                feats = self.augment(feats)
+        return feats, torch.tensor(self.tokenizer.encode(self.utts[i].text), dtype=torch.long), i
 
-
-def collate(items):
-    """Pad to the longest member; return feats [B,T,F], lengths, targets [B,L], target lengths, indices."""
-    feats = torch.nn.utils.rnn.pad_sequence([f for f, _, _ in items], batch_first=True)
-    targets = torch.nn.utils.rnn.pad_sequence([t for _, t, _ in items], batch_first=True)
-    return {"feats": feats, "lengths": torch.tensor([len(f) for f, _, _ in items]),
-            "targets": targets, "target_lengths": torch.tensor([len(t) for _, t, _ in items]),
-            "index": torch.tensor([i for _, _, i in items])}
+    def collate(self, items) -> dict:
+        """Pad to the longest member. ``weight`` is 0 for the stand-in of an all-failed batch."""
+        good = [it for it in items if it is not None]
+        weight = 1.0
+        if not good:
+            good, weight = [(torch.zeros(STAND_IN_FRAMES, self.n_mels), torch.tensor([1]), -1)], 0.0
+        pad = torch.nn.utils.rnn.pad_sequence
+        return {"feats": pad([f for f, _, _ in good], batch_first=True),
+                "lengths": torch.tensor([len(f) for f, _, _ in good]),
+                "targets": pad([t for _, t, _ in good], batch_first=True),
+                "target_lengths": torch.tensor([len(t) for _, t, _ in good]),
+                "index": torch.tensor([i for _, _, i in good]),
+                "weight": torch.full((len(good),), weight),
+                "skipped": len(items) - (len(good) if weight else 0)}
 
 
 def length_batches(utts: list[Utterance], max_frames: int) -> list[list[int]]:
@@ -98,6 +90,12 @@ def length_batches(utts: list[Utterance], max_frames: int) -> list[list[int]]:
     return batches
 
 
+def padding_fraction(utts: list[Utterance], batches: list[list[int]]) -> float:
+    real = sum(utts[i].frames for b in batches for i in b)
+    padded = sum(max(utts[i].frames for i in b) * len(b) for b in batches)
+    return 1.0 - real / max(padded, 1)
+
+
 def shard(batches: list, rank: int, world: int, fill: bool) -> list:
     """This rank's share; every rank gets the same count. fill=False drops the remainder (training);
     fill=True pads with repeats of the last batch, returned as (batch, is_filler) pairs (evaluation)."""
@@ -109,12 +107,21 @@ def shard(batches: list, rank: int, world: int, fill: bool) -> list:
     return [(b, False) for b in mine] + [(batches[-1], True)] * (n - len(mine))
 
 
-def train_batches(utts, max_frames, seed, epoch, rank, world) -> list[list[int]]:
+@dataclass
+class SamplerState:
+    """Where training stands in the data: a resumed run continues with exactly the next batch."""
+    epoch: int = 0
+    position: int = 0  # batches of this epoch already taken by this rank
+
+
+def train_batches(utts, max_frames: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
     """The batches of one epoch for one rank, shuffled deterministically from (seed, epoch)."""
     batches = length_batches(utts, max_frames)
     random.Random(seed * 1000003 + epoch).shuffle(batches)
     return shard(batches, rank, world, fill=False)
 
 
-def loader(dataset: SpeechDataset, batches: list[list[int]]) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=0)
+def loader(dataset: SpeechDataset, batches: list[list[int]], workers: int) -> DataLoader:
+    # A generator of its own: creating an iterator must not draw from the global stream that dropout uses.
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=dataset.collate, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator())

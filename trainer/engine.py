@@ -1,6 +1,7 @@
 """DeepSpeed glue: process groups, the engine, the training loop, evaluation and checkpoints."""
 import json
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import ProjectConfig, resolve_ep_size
-from trainer.data import SpeechDataset, collate, length_batches, loader, shard, train_batches
+from trainer.data import SamplerState, SpeechDataset, length_batches, loader, padding_fraction, shard, train_batches
 from trainer.decode import greedy_labels, word_error_rate
 from trainer.model import CTCModel, ctc_loss
 
@@ -55,7 +56,7 @@ def forward_loss(engine, batch):
     """(total loss, ctc loss, aux loss, model output) for one batch on the engine's device."""
     dev = engine.device
     out = engine(batch["feats"].to(dev), batch["lengths"].to(dev))
-    ctc = ctc_loss(out, batch["targets"].to(dev), batch["target_lengths"].to(dev))
+    ctc = ctc_loss(out, batch["targets"].to(dev), batch["target_lengths"].to(dev), batch["weight"].to(dev))
     return ctc + out.aux_loss, ctc, out.aux_loss, out
 
 
@@ -77,43 +78,61 @@ class Meter:
         return {k: v / max(self.count, 1) for k, v in self.sums.items()}
 
 
-def train(engine, project: ProjectConfig, dataset: SpeechDataset, dev: SpeechDataset, tokenizer, out_dir: str):
-    """Run until run.max_steps optimizer steps; log, checkpoint and evaluate at the end."""
+def train(engine, project: ProjectConfig, dataset: SpeechDataset, dev: SpeechDataset, tokenizer, out_dir: str,
+          state: SamplerState):
+    """Run until run.max_steps optimizer steps from ``state``; log, then checkpoint and evaluate at the end."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    run = project.run
-    meter, started, epoch = Meter(), time.time(), 0
-    history = []
+    run, data = project.run, project.data
+    all_batches = length_batches(dataset.utts, data.max_frames_per_batch)
+    log0(f"{len(all_batches)} training batches per epoch over {world} rank(s), "
+         f"padding {100 * padding_fraction(dataset.utts, all_batches):.1f}% of frames")
+    meter, started, history, first_step = Meter(), time.time(), [], engine.global_steps
     while engine.global_steps < run.max_steps:
-        batches = train_batches(dataset.utts, project.data.max_frames_per_batch, run.seed, epoch, rank, world)
+        batches = train_batches(dataset.utts, data.max_frames_per_batch, run.seed, state.epoch, rank, world)
         if not batches:
-            raise RuntimeError(f"{world} ranks and max_frames_per_batch={project.data.max_frames_per_batch} "
+            raise RuntimeError(f"{world} ranks and max_frames_per_batch={data.max_frames_per_batch} "
                                f"leave no training batch for every rank ({len(dataset)} utterances)")
-        for batch in loader(dataset, batches):
-            engine.train()
+        skipped = 0
+        dataset.epoch = state.epoch
+        engine.train()
+        for batch in loader(dataset, batches[state.position:], data.num_workers):
+            state.position += 1
             loss, ctc, aux, _ = forward_loss(engine, batch)
             engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()  # DeepSpeed advances it in step()
             engine.step()
+            skipped += batch["skipped"]
             meter.add(int(batch["lengths"].sum()), loss=loss.item(), ctc=ctc.item(), aux=aux.item())
             step = engine.global_steps
-            if engine.is_gradient_accumulation_boundary() and (step % run.log_every == 0 or step == run.max_steps):
-                history.append(log_progress(engine, meter, step, run.max_steps, epoch, started, world))
+            if boundary and (step % run.log_every == 0 or step == run.max_steps):
+                history.append(log_progress(engine, meter, step, first_step, run.max_steps, state.epoch, started))
                 meter = Meter()
             if step >= run.max_steps:
                 break
-        epoch += 1
-    save(engine, project, out_dir, tokenizer)
-    result = evaluate(engine, dev, tokenizer, project.data.max_frames_per_batch)
+        report_skipped(skipped, state.epoch)
+        if state.position == len(batches):
+            state.epoch, state.position = state.epoch + 1, 0
+    save(engine, project, out_dir, state)
+    result = evaluate(engine, dev, tokenizer, data.max_frames_per_batch, data.num_workers)
     log0(f"dev: loss {result['loss']:.3f}  WER {result['wer']:.2f}%  ({result['utterances']} utterances)")
     if rank == 0:
         Path(out_dir, "results.json").write_text(json.dumps({"train": history, "dev": result}, indent=1))
     return history, result
 
 
-def log_progress(engine, meter: Meter, step: int, max_steps: int, epoch: int, started: float, world: int) -> dict:
+def report_skipped(skipped: int, epoch: int):
+    """All ranks' count of utterances whose audio failed to decode in this epoch (a collective call)."""
+    total = torch.tensor([skipped])
+    dist.all_reduce(total)
+    if total.item():
+        log0(f"epoch {epoch}: skipped {total.item()} utterances whose audio could not be read")
+
+
+def log_progress(engine, meter: Meter, step: int, first_step: int, max_steps: int, epoch: int, started: float):
     elapsed = time.time() - meter.start
     m = meter.means()
-    fps = meter.frames * world / max(elapsed, 1e-9)  # input frames (10 ms), all ranks
-    eta = (time.time() - started) / step * (max_steps - step)
+    fps = meter.frames * dist.get_world_size() / max(elapsed, 1e-9)  # input frames (10 ms), all ranks
+    eta = (time.time() - started) / max(step - first_step, 1) * (max_steps - step)
     row = {"step": step, "epoch": epoch, **m, "lr": engine.get_lr()[0], "frames_per_s": fps}
     log0(f"step {step}/{max_steps} ep {epoch} loss {m['loss']:.3f} ctc {m['ctc']:.3f} aux {m['aux']:.4f} "
          f"lr {row['lr']:.2e} {fps:,.0f} frames/s ETA {eta / 60:.1f} min")
@@ -121,31 +140,57 @@ def log_progress(engine, meter: Meter, step: int, max_steps: int, epoch: int, st
 
 
 @torch.no_grad()
-def evaluate(engine, dataset: SpeechDataset, tokenizer, max_frames: int) -> dict:
+def evaluate(engine, dataset: SpeechDataset, tokenizer, max_frames: int, workers: int = 0) -> dict:
     """Dev loss and greedy-CTC WER over the whole set; ranks step in lockstep, filler batches discarded."""
     rank, world = dist.get_rank(), dist.get_world_size()
     engine.eval()
+    mine = shard(length_batches(dataset.utts, max_frames), rank, world, fill=True)
     rows, loss_sum = [], 0.0
-    for ids, filler in shard(length_batches(dataset.utts, max_frames), rank, world, fill=True):
-        batch = collate([dataset[i] for i in ids])
+    for (ids, filler), batch in zip(mine, loader(dataset, [ids for ids, _ in mine], workers)):
         loss, _, _, out = forward_loss(engine, batch)
-        if filler:
+        if filler or not batch["weight"].any():
             continue
-        loss_sum += loss.item() * len(ids)
+        loss_sum += loss.item() * len(batch["index"])
         hyps = [tokenizer.decode(h) for h in greedy_labels(out.log_probs, out.lengths)]
-        rows += [(dataset.utts[i].text, h) for i, h in zip(ids, hyps)]
+        rows += [(dataset.utts[i].text, h) for i, h in zip(batch["index"].tolist(), hyps)]
     gathered = [None] * world
     dist.all_gather_object(gathered, (rows, loss_sum))
     rows = [r for part, _ in gathered for r in part]
+    if not rows:
+        raise RuntimeError("no dev utterance could be decoded")
     refs, hyps = zip(*rows)
     return {"loss": sum(s for _, s in gathered) / len(rows), "wer": word_error_rate(list(refs), list(hyps)),
             "utterances": len(rows), "examples": [{"ref": r, "hyp": h} for r, h in rows[:5]]}
 
 
-def save(engine, project: ProjectConfig, out_dir: str, tokenizer) -> str:
-    """DeepSpeed checkpoint (dense states, one file per expert, ZeRO shards) plus config and tokenizer."""
+def _rng_file(ckpt_dir: str, tag: str) -> str:
+    return os.path.join(ckpt_dir, tag, f"rng_rank{dist.get_rank()}.pt")
+
+
+def resume(engine, out_dir: str) -> SamplerState:
+    """Continue from the newest checkpoint in out_dir, if there is one: weights, optimizer and scheduler
+    states, step, every rank's random state (dropout, SpecAugment) and the data position, so the run goes
+    on exactly as an uninterrupted one would."""
+    ckpt = os.path.join(out_dir, "checkpoints")
+    if not os.path.exists(os.path.join(ckpt, "latest")):
+        return SamplerState()
+    path, client = engine.load_checkpoint(ckpt)
+    rng = torch.load(_rng_file(ckpt, client["tag"]), weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    log0(f"resumed from {path} at step {engine.global_steps}")
+    return SamplerState(**client["sampler"])
+
+
+def save(engine, project: ProjectConfig, out_dir: str, state: SamplerState) -> str:
+    """DeepSpeed checkpoint (dense states, one file per expert, ZeRO shards) plus config, data position and
+    each rank's random state."""
     tag = f"step{engine.global_steps}"
-    engine.save_checkpoint(os.path.join(out_dir, "checkpoints"), tag=tag,
-                           client_state={"project_config": project.model_dump(), "step": engine.global_steps})
-    log0(f"saved checkpoint {out_dir}/checkpoints/{tag}")
+    ckpt = os.path.join(out_dir, "checkpoints")
+    engine.save_checkpoint(ckpt, tag=tag, client_state={
+        "project_config": project.model_dump(), "step": engine.global_steps, "tag": tag,
+        "sampler": {"epoch": state.epoch, "position": state.position}})
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, _rng_file(ckpt, tag))
+    dist.barrier()
+    log0(f"saved checkpoint {ckpt}/{tag}")
     return tag

@@ -16,8 +16,9 @@ import torch.distributed as dist  # noqa: E402
 
 from trainer.config import ConfigError, load_config, resolve_ep_size, with_overrides  # noqa: E402
 from trainer.corpus import build_corpus  # noqa: E402
-from trainer.data import DataError, SpeechDataset, read_manifest  # noqa: E402
-from trainer.engine import build_engine, build_model, init_distributed, log0, train  # noqa: E402
+from trainer.data import SpeechDataset  # noqa: E402
+from trainer.engine import build_engine, build_model, init_distributed, log0, resume, train  # noqa: E402
+from trainer.sources import DataError, read_sources  # noqa: E402
 from trainer.text import Tokenizer  # noqa: E402
 
 
@@ -30,6 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default=None, help="overrides omni_router.run.output_dir")
     p.add_argument("--max_steps", type=int, default=None, help="overrides omni_router.run.max_steps")
     p.add_argument("--corpus_dir", default=None, help="overrides omni_router.data.corpus_dir")
+    p.add_argument("--strict_data", action="store_true", default=None,
+                   help="stop at start-up on any unusable row instead of skipping it")
     deepspeed.add_config_arguments(p)
     args = p.parse_args(argv)
     if not args.deepspeed_config:
@@ -41,33 +44,51 @@ def load_project(args):
     ds_config, project = load_config(args.deepspeed_config)
     run = {k: v for k, v in (("output_dir", args.output_dir), ("max_steps", args.max_steps)) if v is not None}
     data = {k: v for k, v in (("train_manifests", args.train_manifest), ("dev_manifests", args.dev_manifest),
-                              ("corpus_dir", args.corpus_dir)) if v is not None}
+                              ("corpus_dir", args.corpus_dir), ("strict_data", args.strict_data))
+            if v is not None}
     return ds_config, with_overrides(project, run=run, data=data)
 
 
-def prepare_data(project, rank: int):
-    """Manifests (the embedded corpus unless given) and the tokenizer, made once by rank 0."""
+def on_rank0(fn):
+    """fn on rank 0 while the others wait; its error is raised on every rank, so no rank hangs at a barrier."""
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except (OSError, ValueError, RuntimeError) as e:
+            box[0] = f"{type(e).__name__}: {e}"
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise DataError(box[0])
+
+
+def prepare_data(project):
+    """Utterances (the embedded corpus unless given), the tokenizer made once by rank 0, and the datasets."""
     data, out = project.data, Path(project.run.output_dir)
     train_m, dev_m = list(data.train_manifests), list(data.dev_manifests)
-    if not train_m:
-        if rank == 0:
-            build_corpus(data.corpus_dir, data.corpus_sentences, seed=project.run.seed)
-        dist.barrier()
+    if not train_m and not data.train_hf:
+        on_rank0(lambda: build_corpus(data.corpus_dir, data.corpus_sentences, seed=project.run.seed))
         corpus = Path(data.corpus_dir).expanduser()
-        train_m, dev_m = [str(corpus / "train.jsonl")], dev_m or [str(corpus / "dev.jsonl")]
-    if not dev_m:
-        raise DataError("no dev manifest: pass --dev_manifest (or omni_router.data.dev_manifests)")
-    train_utts = [u for m in train_m for u in read_manifest(m, data.max_duration)]
-    dev_utts = [u for m in dev_m for u in read_manifest(m, data.max_duration)]
-    if not train_utts or not dev_utts:
-        raise DataError(f"no usable utterance in {train_m if not train_utts else dev_m}")
+        train_m = [str(corpus / "train.jsonl")]
+        dev_m = dev_m or ([] if data.dev_hf else [str(corpus / "dev.jsonl")])
+    if not dev_m and not data.dev_hf:
+        raise DataError("no dev set: pass --dev_manifest (or omni_router.data.dev_manifests / dev_hf)")
+    splits = {}
+    for name, manifests, hf in (("train", train_m, data.train_hf), ("dev", dev_m, data.dev_hf)):
+        utts, problems = read_sources(manifests, hf, data.max_duration, data.strict_data)
+        if problems:
+            shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
+            log0(f"{name}: skipping {len(problems)} unusable rows:\n  {shown}")
+        if not utts:
+            raise DataError(f"{name}: no usable utterance in {manifests + [h.path for h in hf]}")
+        splits[name] = utts
     sp_path = out / "tokenizer.model"
-    if rank == 0 and not sp_path.exists():
-        Tokenizer.train([u.text for u in train_utts], str(sp_path), data.vocab_size)
-    dist.barrier()
+    if not sp_path.exists():
+        on_rank0(lambda: Tokenizer.train([u.text for u in splits["train"]], str(sp_path), data.vocab_size))
     tokenizer = Tokenizer(str(sp_path))
     n_mels = project.model.n_mels
-    return SpeechDataset(train_utts, tokenizer, n_mels), SpeechDataset(dev_utts, tokenizer, n_mels), tokenizer
+    return (SpeechDataset(splits["train"], tokenizer, data, n_mels, train=True, seed=project.run.seed),
+            SpeechDataset(splits["dev"], tokenizer, data, n_mels, train=False), tokenizer)
 
 
 def main(argv=None) -> int:
@@ -77,19 +98,20 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error:\n{e}", file=sys.stderr)
         return 2
-    rank, world = init_distributed()
+    _, world = init_distributed()
     try:
-        train_set, dev_set, tokenizer = prepare_data(project, rank)
-    except (DataError, FileNotFoundError) as e:
+        train_set, dev_set, tokenizer = prepare_data(project)
+    except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         return 2
     model = build_model(project, tokenizer.vocab_size)
     engine = build_engine(ds_config, project, model)
     params = sum(p.numel() for p in model.parameters())
     log0(f"mode {project.moe.mode}: {params:,} parameters on rank 0, {len(model.routers())} router(s), "
-         f"{world} rank(s), ep_size {resolve_ep_size(project.moe, world)}, {len(train_set)} train / {len(dev_set)} dev utterances, "
-         f"vocabulary {tokenizer.vocab_size}")
-    train(engine, project, train_set, dev_set, tokenizer, project.run.output_dir)
+         f"{world} rank(s), ep_size {resolve_ep_size(project.moe, world)}, {len(train_set)} train / "
+         f"{len(dev_set)} dev utterances, vocabulary {tokenizer.vocab_size}")
+    state = resume(engine, project.run.output_dir)
+    train(engine, project, train_set, dev_set, tokenizer, project.run.output_dir, state)
     return 0
 
 

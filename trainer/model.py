@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 
 from trainer.config import ModelConfig, MoEConfig
-from trainer.routing import RouterGate, RoutingStats
+from trainer.routing import RouterGate
 
 BLANK = 0
 
@@ -141,9 +141,12 @@ class CTCModel(nn.Module):
         return ModelOutput(F.log_softmax(logits.float(), dim=-1), out_lengths, aux, routing)
 
 
-def ctc_loss(out: ModelOutput, targets: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
+def ctc_loss(out: ModelOutput, targets: torch.Tensor, target_lengths: torch.Tensor, weight=None) -> torch.Tensor:
     """CTC summed over each utterance, averaged over utterances: a per-batch normalisation that does not
-    depend on other ranks, so data-parallel averaging equals one large batch of equal-sized shards."""
-    loss = F.ctc_loss(out.log_probs.transpose(0, 1), targets, out.lengths, target_lengths,
-                      blank=BLANK, reduction="sum", zero_infinity=True)
-    return loss / targets.shape[0]
+    depend on other ranks, so data-parallel averaging equals one large batch of equal-sized shards.
+    ``weight`` (per utterance) lets a stand-in batch take part in the step without carrying loss."""
+    losses = F.ctc_loss(out.log_probs.transpose(0, 1), targets, out.lengths, target_lengths,
+                        blank=BLANK, reduction="none", zero_infinity=True)
+    if weight is not None:
+        losses = losses * weight
+    return losses.sum() / targets.shape[0]

@@ -32,11 +32,11 @@ class Tokenizer:
         return self.sp.decode([i - 1 for i in labels])
 
     @staticmethod
-    def train(texts: list[str], model_path: str, vocab_size: int) -> "Tokenizer":
-        """Unigram model over normalised texts; the vocabulary shrinks if the text cannot fill it."""
+    def train(texts: list[str], model_path: str, vocab_size: int, model_type: str = "unigram") -> "Tokenizer":
+        """Unigram or BPE model over normalised texts; the vocabulary shrinks if the text cannot fill it."""
         Path(model_path).parent.mkdir(parents=True, exist_ok=True)
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter([normalize(t) for t in texts]), model_prefix=str(model_path)[:-len(".model")],
-            vocab_size=vocab_size, model_type="unigram", character_coverage=1.0, hard_vocab_limit=False,
+            vocab_size=vocab_size, model_type=model_type, character_coverage=1.0, hard_vocab_limit=False,
             bos_id=-1, eos_id=-1, unk_id=0, minloglevel=2)
         return Tokenizer(model_path)

@@ -1,0 +1,64 @@
+"""The run config: the shipped configs load, and bad keys are errors that name the file and the key."""
+import json
+
+import pytest
+
+from trainer.config import ConfigError, load_config, resolve_ep_size
+
+CPU = ["ds_configs/omni.json", "ds_configs/switch.json", "ds_configs/dense.json"]
+PAPER = ["ds_configs/paper/omni_8x84m.json", "ds_configs/paper/switch_8x84m.json", "ds_configs/paper/dense_84m.json"]
+
+
+@pytest.mark.parametrize("path", CPU + PAPER)
+def test_shipped_configs_load(path):
+    ds, project = load_config(path)
+    assert "omni_router" not in ds and ds["zero_optimization"]["stage"] in (1, 2)
+
+
+@pytest.mark.parametrize("family", [CPU, PAPER])
+def test_shipped_configs_differ_only_in_routing(family):
+    loaded = [json.load(open(p)) for p in family]
+    for cfg in loaded:
+        cfg["omni_router"]["moe"].pop("mode")
+        cfg["omni_router"]["run"].pop("output_dir")
+    assert loaded[0] == loaded[1] == loaded[2]
+
+
+def write(tmp_path, cfg) -> str:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg) if not isinstance(cfg, str) else cfg)
+    return str(path)
+
+
+@pytest.mark.parametrize("section,key,value,words", [
+    ("moe", "num_expert", 4, "omni_router.moe.num_expert"),
+    ("moe", "num_experts", "4", "omni_router.moe.num_experts"),
+    ("model", "d_model", 4.5, "omni_router.model.d_model"),
+    ("moe", "mode", "hash", "omni_router.moe.mode"),
+    ("moe", "top_k", 3, "omni_router.moe.top_k"),
+    ("run", "max_steps", True, "omni_router.run.max_steps"),
+])
+def test_unknown_or_ill_typed_key_is_named(tmp_path, section, key, value, words):
+    path = write(tmp_path, {"omni_router": {section: {key: value}}})
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert path in str(e.value) and words in str(e.value)
+
+
+def test_zero_stage_3_with_moe_is_refused_but_allowed_for_dense(tmp_path):
+    path = write(tmp_path, {"zero_optimization": {"stage": 3}, "omni_router": {"moe": {"mode": "omni"}}})
+    with pytest.raises(ConfigError, match="zero_optimization.stage: 3 is refused with MoE"):
+        load_config(path)
+    load_config(write(tmp_path, {"zero_optimization": {"stage": 3}, "omni_router": {"moe": {"mode": "dense"}}}))
+
+
+def test_invalid_json_names_the_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"c.json: line 2 column"):
+        load_config(write(tmp_path, '{"a": 1,\n "b": }'))
+
+
+def test_ep_size_auto_and_explicit():
+    _, project = load_config("ds_configs/omni.json")
+    assert [resolve_ep_size(project.moe, w) for w in (1, 2, 3, 8)] == [1, 2, 1, 4]
+    with pytest.raises(ConfigError, match="ep_size"):
+        resolve_ep_size(project.moe.model_copy(update={"ep_size": 4}), 2)

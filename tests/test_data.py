@@ -1,0 +1,194 @@
+"""The data pipeline on real audio files: manifests, Hugging Face datasets, LibriSpeech layout, bad input."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from tools.prepare_librispeech import main as prepare_librispeech
+from trainer.config import DataConfig, HFSource
+from trainer.data import SpeechDataset, length_batches, padding_fraction, shard, train_batches
+from trainer.sources import DataError, read_manifest, read_sources
+from trainer.text import Tokenizer
+
+
+def tone(seconds=1.0, rate=16000, channels=1):
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.3 * np.sin(2 * np.pi * 440 * t).astype("float32")
+    return np.stack([wave] * channels, 1) if channels > 1 else wave
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "t.model"
+    return Tokenizer.train(["hello world", "a tone for testing", "the quick brown fox"] * 5, str(path), 30)
+
+
+def write_manifest(path: Path, rows) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_formats_rates_and_channels_become_16k_mono(tmp_path, tokenizer):
+    sf.write(tmp_path / "a.wav", tone(1.0, 8000, 2), 8000)
+    sf.write(tmp_path / "b.flac", tone(0.5, 16000), 16000)
+    sf.write(tmp_path / "c.ogg", tone(0.8, 22050), 22050)
+    m = write_manifest(tmp_path / "m.jsonl", [
+        {"audio_filepath": "a.wav", "duration": 1.0, "text": "hello world"},
+        {"audio_filepath": str(tmp_path / "b.flac"), "duration": 0.5, "text": "a tone"},
+        {"audio_filepath": "c.ogg", "duration": 0.8, "text": "the fox"},
+        {"audio_filepath": "a.wav", "duration": 0.4, "offset": 0.5, "text": "hello"}])
+    utts, problems = read_manifest(m, 20.0)
+    assert problems == [] and len(utts) == 4
+    ds = SpeechDataset(utts, tokenizer, DataConfig(), 80, train=False)
+    frames = [ds[i][0].shape for i in range(4)]
+    assert [f[1] for f in frames] == [80] * 4
+    assert [f[0] for f in frames] == [98, 48, 78, 38]  # 25 ms windows every 10 ms at 16 kHz
+
+
+def test_bad_rows_are_named_skipped_or_refused_in_strict_mode(tmp_path):
+    sf.write(tmp_path / "ok.wav", tone(), 16000)
+    (tmp_path / "empty.wav").write_bytes(b"")
+    m = write_manifest(tmp_path / "m.jsonl", [
+        {"audio_filepath": "ok.wav", "duration": 1.0, "text": "fine"},
+        "{not json",
+        {"audio_filepath": "ok.wav", "text": "no duration"},
+        {"audio_filepath": "ok.wav", "duration": 0, "text": "zero"},
+        {"audio_filepath": "ok.wav", "duration": 9999, "text": "absurd"},
+        {"audio_filepath": "ok.wav", "duration": 1.0, "text": "123 %%"},
+        {"audio_filepath": "gone.wav", "duration": 1.0, "text": "missing"},
+        {"audio_filepath": "empty.wav", "duration": 1.0, "text": "empty file"}])
+    utts, problems = read_sources([m], [], 20.0, strict=False)
+    assert [u.text for u in utts] == ["fine", "empty file"]  # an empty file exists: caught when decoded
+    for line, words in [(2, "not JSON"), (3, "missing key 'duration'"), (4, "not positive"), (5, "exceeds"),
+                        (6, "no letter"), (7, "does not exist")]:
+        assert any(p.startswith(f"{m}:{line}: ") and words in p for p in problems), (line, problems)
+    with pytest.raises(DataError) as e:
+        read_sources([m], [], 20.0, strict=True)
+    assert f"{m}:8: audio" in str(e.value) and "7 unusable rows" in str(e.value)
+
+
+def test_undecodable_audio_is_skipped_and_an_all_bad_batch_carries_no_loss(tmp_path, tokenizer, capsys):
+    sf.write(tmp_path / "ok.flac", tone(), 16000)
+    (tmp_path / "trunc.flac").write_bytes((tmp_path / "ok.flac").read_bytes()[:200])
+    (tmp_path / "junk.wav").write_bytes(b"RIFF0000WAVEjunk" * 10)
+    rows = [{"audio_filepath": n, "duration": 1.0, "text": "hello"} for n in ("ok.flac", "trunc.flac", "junk.wav")]
+    utts, _ = read_manifest(write_manifest(tmp_path / "m.jsonl", rows), 20.0)
+    ds = SpeechDataset(utts, tokenizer, DataConfig(), 80, train=True)
+    batch = ds.collate([ds[0], ds[1], ds[2]])
+    assert batch["skipped"] == 2 and batch["weight"].tolist() == [1.0]
+    err = capsys.readouterr().err
+    assert "m.jsonl:2" in err and "trunc.flac" in err and "m.jsonl:3" in err
+    stand_in = ds.collate([ds[1], ds[2]])
+    assert stand_in["skipped"] == 2 and stand_in["weight"].tolist() == [0.0] and stand_in["feats"].shape[0] == 1
+
+
+def test_hugging_face_saved_audiofolder_and_parquet(tmp_path, tokenizer):
+    import datasets
+    for i, secs in enumerate((0.6, 1.1)):
+        sf.write(tmp_path / f"u{i}.wav", tone(secs), 16000)
+    blobs = [(tmp_path / f"u{i}.wav").read_bytes() for i in range(2)]
+    table = {"speech": [{"bytes": b, "path": None} for b in blobs], "sentence": ["hello world", "the fox"]}
+    plain = datasets.Features({"speech": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+                               "sentence": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict(table, features=plain).cast_column("speech", datasets.Audio(decode=False))
+    assert isinstance(ds.features["speech"], datasets.Audio)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "pq").mkdir()
+    ds.to_parquet(str(tmp_path / "pq" / "part0.parquet"))
+    folder = tmp_path / "af"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"u{i}.wav").write_bytes(blobs[i])
+    (folder / "metadata.csv").write_text("file_name,sentence\nu0.wav,hello world\nu1.wav,the fox\n")
+    for kind, path in (("saved", "saved"), ("parquet", "pq"), ("audiofolder", "af")):
+        src = HFSource(path=str(tmp_path / path), kind=kind, audio_column="speech" if kind != "audiofolder"
+                       else "audio", text_column="sentence")
+        utts, problems = read_sources([], [src], 20.0, strict=True)
+        assert problems == [] and sorted(u.text for u in utts) == ["hello world", "the fox"], kind
+        assert sorted(round(u.duration, 2) for u in utts) == [0.6, 1.1]
+        feats = SpeechDataset(utts, tokenizer, DataConfig(), 80, train=False)[0][0]
+        assert feats.shape[1] == 80 and feats.shape[0] in (58, 108)
+    with pytest.raises(DataError, match=r"no column 'audio' \(columns: speech, sentence\)"):
+        read_sources([], [HFSource(path=str(tmp_path / "saved"))], 20.0, strict=False)
+
+
+def test_prepare_librispeech_layout(tmp_path):
+    root = tmp_path / "LibriSpeech" / "dev-clean"
+    for spk, chap, n in (("84", "121123", 2), ("1272", "128104", 1)):
+        d = root / spk / chap
+        d.mkdir(parents=True)
+        lines = []
+        for i in range(n):
+            uid = f"{spk}-{chap}-{i:04d}"
+            sf.write(d / f"{uid}.flac", tone(0.5 + i), 16000)
+            lines.append(f"{uid} GO DO YOU HEAR")
+        (d / f"{spk}-{chap}.trans.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "data" / "dev-clean.jsonl"
+    assert prepare_librispeech([str(root), str(out)]) == 0
+    utts, problems = read_manifest(str(out), 20.0, deep=True)
+    assert problems == [] and len(utts) == 3
+    assert sorted(u.duration for u in utts) == [0.5, 0.5, 1.5]
+    assert prepare_librispeech([str(tmp_path), str(tmp_path / "x.jsonl")]) == 2
+
+
+def test_batches_are_bounded_deterministic_and_even_across_ranks(corpus):
+    utts, _ = read_manifest(str(corpus / "train.jsonl"), 20.0)
+    batches = length_batches(utts, 3000)
+    assert all(max(utts[i].frames for i in b) * len(b) <= 3000 or len(b) == 1 for b in batches)
+    assert sorted(i for b in batches for i in b) == list(range(len(utts)))
+    unsorted = [list(range(i, min(i + 12, len(utts)))) for i in range(0, len(utts), 12)]
+    assert padding_fraction(utts, batches) < 0.5 * padding_fraction(utts, unsorted)
+    a = [train_batches(utts, 3000, 7, epoch=1, rank=r, world=2) for r in (0, 1)]
+    assert a == [train_batches(utts, 3000, 7, epoch=1, rank=r, world=2) for r in (0, 1)]
+    assert a[0] != train_batches(utts, 3000, 7, epoch=2, rank=0, world=2)
+    assert len(a[0]) == len(a[1]) == len(batches) // 2
+    filled = [shard(batches[:5], r, 2, fill=True) for r in (0, 1)]
+    assert len(filled[0]) == len(filled[1]) == 3 and filled[1][-1][1] is True
+
+
+def test_specaugment_on_training_sets_only_and_a_function_of_seed_epoch_utterance(corpus, tokenizer):
+    utts, _ = read_manifest(str(corpus / "dev.jsonl"), 20.0)
+    train, dev = (SpeechDataset(utts[:2], tokenizer, DataConfig(), 80, train=t, seed=5) for t in (True, False))
+    assert torch.equal(dev[0][0], dev[0][0])
+    state = torch.get_rng_state()
+    masked = train[0][0]
+    assert torch.equal(torch.get_rng_state(), state)  # dropout's stream is not consumed
+    assert not torch.equal(masked, dev[0][0]) and (masked == 0).all(dim=0).any()
+    assert torch.equal(masked, train[0][0])
+    train.epoch = 1
+    assert not torch.equal(masked, train[0][0])
+
+
+def test_speed_perturbation_and_global_cmvn_tool(tmp_path, tokenizer):
+    from tools.compute_cmvn import main as compute_cmvn
+    sf.write(tmp_path / "a.wav", tone(2.0) * np.linspace(0.1, 1.0, 32000, dtype="float32"), 16000)
+    m = write_manifest(tmp_path / "m.jsonl", [{"audio_filepath": "a.wav", "duration": 2.0, "text": "hello"}])
+    utts, _ = read_manifest(m, 20.0)
+    fast = SpeechDataset(utts, tokenizer, DataConfig(speed_perturb=[1.25], specaugment={"freq_masks": 0,
+                                                                                        "time_masks": 0}), 80, True)
+    assert fast.cache is None and fast[0][0].shape[0] == 158  # 1.6 s of audio
+    assert compute_cmvn(["--manifest", m, "--out", str(tmp_path / "cmvn.json")]) == 0
+    stats = json.loads((tmp_path / "cmvn.json").read_text())
+    assert stats["frames"] == 198 and len(stats["mean"]) == 80
+    feats = SpeechDataset(utts, tokenizer, DataConfig(global_cmvn=str(tmp_path / "cmvn.json")), 80, False)[0][0]
+    torch.testing.assert_close(feats.mean(0), torch.zeros(80), atol=1e-3, rtol=0)
+    torch.testing.assert_close(feats.std(0, unbiased=False), torch.ones(80), atol=1e-2, rtol=0)
+
+
+def test_tokenizer_tool_and_workers_give_the_same_batches(tmp_path, corpus):
+    from tools.train_tokenizer import main as train_tokenizer
+    out = tmp_path / "sp.model"
+    assert train_tokenizer(["--manifest", str(corpus / "train.jsonl"), "--vocab_size", "40", "--out", str(out)]) == 0
+    tok = Tokenizer(str(out))
+    assert tok.decode(tok.encode("The Crosswise, dimension!")) == "the crosswise dimension"
+    assert train_tokenizer(["--manifest", str(tmp_path / "none.jsonl"), "--out", str(out)]) == 2
+    utts, _ = read_manifest(str(corpus / "dev.jsonl"), 20.0)
+    ds = SpeechDataset(utts, tok, DataConfig(cache_features=False), 80, train=False)
+    batches = length_batches(utts, 3000)
+    from trainer.data import loader
+    serial = [b["feats"] for b in loader(ds, batches, 0)]
+    parallel = [b["feats"] for b in loader(ds, batches, 2)]
+    assert all(torch.equal(a, b) for a, b in zip(serial, parallel)) and len(serial) == len(parallel)

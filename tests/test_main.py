@@ -1,0 +1,100 @@
+"""The main job through the real deepspeed launcher, on a small slice of the embedded corpus."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+
+
+def tiny_config(tmp_path, mode="omni", **ds_extra) -> str:
+    cfg = json.loads((ROOT / "ds_configs" / f"{mode}.json").read_text())
+    cfg.update(ds_extra)
+    cfg["omni_router"]["model"].update(d_model=32, num_layers=2, num_heads=2, ffn_dim=64)
+    cfg["omni_router"]["data"].update(corpus_sentences=60, vocab_size=48, max_frames_per_batch=2500)
+    cfg["omni_router"]["run"].update(max_steps=24, log_every=4)
+    cfg["scheduler"]["params"]["warmup_num_steps"] = 5
+    path = tmp_path / f"{mode}.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def launch(config, corpus, out, ranks=1, extra=()):
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "trainer/main.py",
+           "--deepspeed_config", config, "--corpus_dir", str(corpus), "--output_dir", str(out), *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("mode,ranks,gas", [("omni", 1, 1), ("omni", 2, 1), ("switch", 2, 2), ("dense", 1, 1)])
+def test_main_job_trains_saves_and_scores(tmp_path, corpus, mode, ranks, gas):
+    out = tmp_path / "run"
+    proc = launch(tiny_config(tmp_path, mode, gradient_accumulation_steps=gas), corpus, out, ranks)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    losses = [row["ctc"] for row in results["train"]]
+    assert [row["step"] for row in results["train"]] == [4, 8, 12, 16, 20, 24]
+    assert losses[-1] < losses[0]
+    assert 0 <= results["dev"]["wer"] and results["dev"]["utterances"] == 50
+    ckpt = out / "checkpoints" / "step24"
+    assert (ckpt / "mp_rank_00_model_states.pt").exists()
+    experts = sorted(p.name for p in ckpt.glob("layer_*_expert_*"))
+    assert len(experts) == (0 if mode == "dense" else 2 * 4)  # 2 MoE layers x 4 experts, by global id
+    ep = 1 if mode == "dense" else ranks
+    assert f"{ranks} rank(s), ep_size {ep}" in proc.stdout
+
+
+def test_bad_config_fails_before_any_work(tmp_path, corpus):
+    bad = tmp_path / "bad.json"
+    cfg = json.loads(Path(tiny_config(tmp_path)).read_text())
+    cfg["zero_optimization"]["stage"] = 3
+    bad.write_text(json.dumps(cfg))
+    proc = launch(str(bad), corpus, tmp_path / "run")
+    assert proc.returncode != 0
+    assert "zero_optimization.stage: 3 is refused with MoE" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_resumed_run_continues_with_the_same_batches_and_losses(tmp_path, corpus):
+    config = tiny_config(tmp_path, "omni")
+    whole = launch(config, corpus, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    half = json.loads(Path(config).read_text())
+    half["omni_router"]["run"]["max_steps"] = 12  # stops halfway; the LR schedule stays that of 24 steps
+    half["scheduler"]["params"]["total_num_steps"] = 24
+    (tmp_path / "half.json").write_text(json.dumps(half))
+    first = launch(str(tmp_path / "half.json"), corpus, tmp_path / "split")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = launch(config, corpus, tmp_path / "split")
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
+    rows = {r["step"]: r for r in json.loads((tmp_path / "whole" / "results.json").read_text())["train"]}
+    resumed = json.loads((tmp_path / "split" / "results.json").read_text())["train"]
+    assert [r["step"] for r in resumed] == [16, 20, 24]
+    for r in resumed:
+        assert r["ctc"] == pytest.approx(rows[r["step"]]["ctc"], rel=1e-5) and r["epoch"] == rows[r["step"]]["epoch"]
+
+
+def test_bad_data_is_skipped_by_two_ranks_or_refused_when_strict(tmp_path, corpus):
+    rows = [json.loads(line) for line in (corpus / "train.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["audio_filepath"] = str(corpus / r["audio_filepath"])
+    good = (corpus / rows[0]["audio_filepath"]).read_bytes()
+    (tmp_path / "trunc.flac").write_bytes(good[:300])
+    bad = ["{oops", json.dumps({"audio_filepath": "nowhere.flac", "duration": 1.0, "text": "gone"}),
+           json.dumps({"audio_filepath": "trunc.flac", "duration": 1.2, "text": "cut short"})]
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("\n".join([json.dumps(r) for r in rows] + bad) + "\n")
+    cmd = ["--train_manifest", str(manifest), "--dev_manifest", str(corpus / "dev.jsonl")]
+    proc = launch(tiny_config(tmp_path), corpus, tmp_path / "run", 2, cmd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n = len(rows)
+    assert f"train.jsonl:{n + 1}: not JSON" in proc.stdout and f"train.jsonl:{n + 2}: audio" in proc.stdout
+    assert f"skipping {manifest}:{n + 3}" in proc.stderr and "skipped 1 utterances whose audio" in proc.stdout
+    strict = launch(tiny_config(tmp_path), corpus, tmp_path / "strict", 2, cmd + ["--strict_data"])
+    assert strict.returncode == 2 and "unusable rows (strict_data)" in strict.stderr
+    assert f"train.jsonl:{n + 1}: not JSON" in strict.stderr and f"train.jsonl:{n + 2}: audio" in strict.stderr
+    assert not (tmp_path / "strict" / "checkpoints").exists()

@@ -1,0 +1,96 @@
+"""Step time and frames per second of dense, switch and omni at matched active sizes.
+
+    python tools/bench_step.py                                  # one process (CPU or one GPU)
+    deepspeed --num_gpus 2 tools/bench_step.py --ep auto        # expert parallelism over two ranks
+
+Synthetic log-mel batches of fixed shape isolate the model step (forward, backward, optimizer) from data
+loading. Modes are timed in interleaved rounds so that drift of the machine hits all of them alike; the
+figure is the median over rounds of the mean step time in a round.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from trainer.config import load_config, with_overrides  # noqa: E402
+from trainer.engine import build_engine, build_model, forward_loss, init_distributed  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="ds_configs/omni.json", help="sizes and DeepSpeed keys come from here")
+    p.add_argument("--modes", default="dense,switch,omni")
+    p.add_argument("--frames", type=int, default=6000, help="input frames (10 ms) per rank per step")
+    p.add_argument("--utt_frames", type=int, default=500, help="frames per utterance")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per mode per round")
+    p.add_argument("--ep", default="auto", help="ep_size ('auto' or an int)")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--local_rank", type=int, default=-1)
+    return p.parse_args()
+
+
+def single_process_env():
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533").items():
+        os.environ.setdefault(k, v)
+
+
+def make_batch(args, n_mels, vocab):
+    n = max(1, args.frames // args.utt_frames)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    return {"feats": torch.randn(n, args.utt_frames, n_mels, generator=g),
+            "lengths": torch.full((n,), args.utt_frames),
+            "targets": torch.randint(1, vocab, (n, args.utt_frames // 20), generator=g),
+            "target_lengths": torch.full((n,), args.utt_frames // 20)}
+
+
+def main():
+    args = parse_args()
+    single_process_env()
+    init_distributed()
+    ds, base = load_config(args.config)
+    if args.bf16:
+        ds["bf16"] = {"enabled": True}
+    ep = args.ep if args.ep == "auto" else int(args.ep)
+    engines = {}
+    for mode in args.modes.split(","):
+        project = with_overrides(base, moe={"mode": mode, "ep_size": ep})
+        model = build_model(project, 256)
+        engines[mode] = build_engine(ds, project, model)
+    batch = make_batch(args, base.model.n_mels, 256)
+    times = {m: [] for m in engines}
+    for r in range(args.rounds + 1):  # round 0 warms up
+        for mode, engine in engines.items():
+            engine.train()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                loss, _, _, _ = forward_loss(engine, batch)
+                engine.backward(loss)
+                engine.step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if r:
+                times[mode].append((time.perf_counter() - t0) / args.steps)
+    if dist.get_rank() == 0:
+        world = dist.get_world_size()
+        frames = batch["lengths"].sum().item() * world
+        print(f"{world} rank(s), {frames} input frames per step, device {engines[mode].device}, "
+              f"{args.rounds} rounds x {args.steps} steps")
+        print(f"{'mode':8} {'params':>12} {'ms/step':>9} {'frames/s':>10}")
+        for mode, engine in engines.items():
+            ms = statistics.median(times[mode]) * 1000
+            n = sum(p.numel() for p in engine.module.parameters())
+            print(f"{mode:8} {n:>12,} {ms:9.1f} {frames / ms * 1000:10,.0f}")
+        if "omni" in times and "switch" in times:
+            print(f"omni/switch step-time ratio: {statistics.median(times['omni']) / statistics.median(times['switch']):.3f}")
+
+
+if __name__ == "__main__":
+    main()
