@@ -5,7 +5,7 @@
 
 Synthetic log-mel batches of fixed shape isolate the model step (forward, backward, optimizer) from data
 loading. Modes are timed in interleaved rounds so that drift of the machine hits all of them alike; the
-figure is the median over rounds of the mean step time in a round.
+figure is the median over rounds of the mean step time in a round, and the order rotates every round.
 """
 import argparse
 import os
@@ -48,7 +48,7 @@ def make_batch(args, n_mels, vocab):
     return {"feats": torch.randn(n, args.utt_frames, n_mels, generator=g),
             "lengths": torch.full((n,), args.utt_frames),
             "targets": torch.randint(1, vocab, (n, args.utt_frames // 20), generator=g),
-            "target_lengths": torch.full((n,), args.utt_frames // 20)}
+            "target_lengths": torch.full((n,), args.utt_frames // 20), "weight": torch.ones(n)}
 
 
 def main():
@@ -66,8 +66,10 @@ def main():
         engines[mode] = build_engine(ds, project, model)
     batch = make_batch(args, base.model.n_mels, 256)
     times = {m: [] for m in engines}
+    order = list(engines)
     for r in range(args.rounds + 1):  # round 0 warms up
-        for mode, engine in engines.items():
+        for mode in order[r % len(order):] + order[:r % len(order)]:  # rotate: no mode always runs last
+            engine = engines[mode]
             engine.train()
             t0 = time.perf_counter()
             for _ in range(args.steps):
@@ -83,11 +85,12 @@ def main():
         frames = batch["lengths"].sum().item() * world
         print(f"{world} rank(s), {frames} input frames per step, device {engines[mode].device}, "
               f"{args.rounds} rounds x {args.steps} steps")
-        print(f"{'mode':8} {'params':>12} {'ms/step':>9} {'frames/s':>10}")
+        print(f"{'mode':8} {'params':>12} {'ms/step':>9} {'spread ms':>10} {'frames/s':>10}")
         for mode, engine in engines.items():
             ms = statistics.median(times[mode]) * 1000
+            spread = (max(times[mode]) - min(times[mode])) * 1000
             n = sum(p.numel() for p in engine.module.parameters())
-            print(f"{mode:8} {n:>12,} {ms:9.1f} {frames / ms * 1000:10,.0f}")
+            print(f"{mode:8} {n:>12,} {ms:9.1f} {spread:10.1f} {frames / ms * 1000:10,.0f}")
         if "omni" in times and "switch" in times:
             print(f"omni/switch step-time ratio: {statistics.median(times['omni']) / statistics.median(times['switch']):.3f}")
 
