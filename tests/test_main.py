@@ -98,3 +98,11 @@ def test_bad_data_is_skipped_by_two_ranks_or_refused_when_strict(tmp_path, corpu
     assert strict.returncode == 2 and "unusable rows (strict_data)" in strict.stderr
     assert f"train.jsonl:{n + 1}: not JSON" in strict.stderr and f"train.jsonl:{n + 2}: audio" in strict.stderr
     assert not (tmp_path / "strict" / "checkpoints").exists()
+
+
+def test_missing_cmvn_file_is_a_clear_error(tmp_path, corpus):
+    cfg = json.loads(Path(tiny_config(tmp_path)).read_text())
+    cfg["omni_router"]["data"]["global_cmvn"] = str(tmp_path / "nowhere.json")
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    proc = launch(str(tmp_path / "c.json"), corpus, tmp_path / "run", 2)
+    assert proc.returncode != 0 and "data error" in proc.stderr and "nowhere.json" in proc.stderr

@@ -1,4 +1,5 @@
 """DeepSpeed glue: process groups, the engine, the training loop, evaluation and checkpoints."""
+import copy
 import json
 import os
 import random
@@ -32,7 +33,7 @@ def log0(*args):
 
 def ds_config_for(ds_config: dict, project: ProjectConfig) -> dict:
     """DeepSpeed's dict with what derives from the project section filled in (scheduler length)."""
-    cfg = json.loads(json.dumps(ds_config))
+    cfg = copy.deepcopy(ds_config)
     sched = cfg.get("scheduler", {}).get("params")
     if sched is not None and cfg["scheduler"].get("type") in ("WarmupDecayLR", "WarmupCosineLR"):
         sched.setdefault("total_num_steps", project.run.max_steps)
@@ -122,7 +123,7 @@ def train(engine, project: ProjectConfig, dataset: SpeechDataset, dev: SpeechDat
 
 def report_skipped(skipped: int, epoch: int):
     """All ranks' count of utterances whose audio failed to decode in this epoch (a collective call)."""
-    total = torch.tensor([skipped])
+    total = torch.tensor([skipped], device=deepspeed.get_accelerator().current_device_name())
     dist.all_reduce(total)
     if total.item():
         log0(f"epoch {epoch}: skipped {total.item()} utterances whose audio could not be read")

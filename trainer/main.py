@@ -3,6 +3,7 @@
 With no data flags it trains on the embedded corpus (built on first use); manifests of your own data are
 flags. Rank 0 prepares shared files (corpus, tokenizer) while the others wait at a barrier.
 """
+import shutil
 import sys
 from pathlib import Path
 
@@ -86,6 +87,8 @@ def prepare_data(project):
     if not sp_path.exists():
         on_rank0(lambda: Tokenizer.train([u.text for u in splits["train"]], str(sp_path), data.vocab_size))
     tokenizer = Tokenizer(str(sp_path))
+    if data.global_cmvn:  # the statistics travel with the model, beside its tokenizer
+        on_rank0(lambda: shutil.copyfile(data.global_cmvn, out / "cmvn.json"))
     n_mels = project.model.n_mels
     return (SpeechDataset(splits["train"], tokenizer, data, n_mels, train=True, seed=project.run.seed),
             SpeechDataset(splits["dev"], tokenizer, data, n_mels, train=False), tokenizer)

@@ -60,10 +60,11 @@ class RouterGate(TopKGate):
         return out
 
 
-def _group_max(value: int, group) -> int:
+def _group_max(value: int, group, device) -> int:
+    """The largest value over the expert-parallel group (a tensor on the compute device: NCCL needs it)."""
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return value
-    t = torch.tensor([value], dtype=torch.int64)
+    t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return int(t.item())
 
@@ -86,10 +87,10 @@ def route(logits: torch.Tensor, real: torch.Tensor, k: int, capacity_factor: flo
     offsets = torch.cumsum(masks.sum(dim=1), dim=0) - masks.sum(dim=1)  # earlier choices come first
     locations = torch.cumsum(masks, dim=1) - 1 + offsets.unsqueeze(1)  # [k, S, E]
     if drop_tokens:
-        n_max = _group_max(int(real.sum().item()), ep_group)
+        n_max = _group_max(int(real.sum().item()), ep_group, logits.device)
         capacity = max(math.ceil(n_max / E * capacity_factor * k), min_capacity, 1)
     else:
-        capacity = _group_max(int(masks.sum(dim=(0, 1)).max().item()), ep_group)
+        capacity = _group_max(int(masks.sum(dim=(0, 1)).max().item()), ep_group, logits.device)
         capacity = max(capacity, 1)
     kept = masks * (locations < capacity)
     loc_s = (locations * kept).sum(-1)  # [k, S]
