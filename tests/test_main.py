@@ -12,22 +12,26 @@ ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 
 
-def tiny_config(tmp_path, mode="omni", **ds_extra) -> str:
+def tiny_config(tmp_path, mode="omni", run=None, **ds_extra) -> str:
     cfg = json.loads((ROOT / "ds_configs" / f"{mode}.json").read_text())
     cfg.update(ds_extra)
     cfg["omni_router"]["model"].update(d_model=32, num_layers=2, num_heads=2, ffn_dim=64)
     cfg["omni_router"]["data"].update(corpus_sentences=60, vocab_size=48, max_frames_per_batch=2500)
-    cfg["omni_router"]["run"].update(max_steps=24, log_every=4)
+    cfg["omni_router"]["run"].update({"max_steps": 24, "log_every": 4, **(run or {})})
     cfg["scheduler"]["params"]["warmup_num_steps"] = 5
-    path = tmp_path / f"{mode}.json"
+    path = tmp_path / f"{mode}-{len(list(tmp_path.glob('*.json')))}.json"
     path.write_text(json.dumps(cfg))
     return str(path)
 
 
+def command(config, corpus, out, ranks=1, extra=()) -> list:
+    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "trainer/main.py",
+            "--deepspeed_config", config, "--corpus_dir", str(corpus), "--output_dir", str(out), *extra]
+
+
 def launch(config, corpus, out, ranks=1, extra=()):
-    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "trainer/main.py",
-           "--deepspeed_config", config, "--corpus_dir", str(corpus), "--output_dir", str(out), *extra]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command(config, corpus, out, ranks, extra), cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
 
 
 @pytest.mark.parametrize("mode,ranks,gas", [("omni", 1, 1), ("omni", 2, 1), ("switch", 2, 2), ("dense", 1, 1)])
@@ -39,7 +43,8 @@ def test_main_job_trains_saves_and_scores(tmp_path, corpus, mode, ranks, gas):
     losses = [row["ctc"] for row in results["train"]]
     assert [row["step"] for row in results["train"]] == [4, 8, 12, 16, 20, 24]
     assert losses[-1] < losses[0]
-    assert 0 <= results["dev"]["wer"] and results["dev"]["utterances"] == 50
+    dev = results["dev"]["sets"]["dev"]
+    assert 0 <= dev["wer"] == results["dev"]["mean_wer"] and dev["utterances"] == 50
     ckpt = out / "checkpoints" / "step24"
     assert (ckpt / "mp_rank_00_model_states.pt").exists()
     experts = sorted(p.name for p in ckpt.glob("layer_*_expert_*"))

@@ -63,3 +63,25 @@ def test_zero_trains_omni_and_router_stays_identical_across_ranks(stage):
     assert not torch.equal(w0, b0)
     assert c0 == c1
     assert all(torch.isfinite(torch.tensor(l0 + l1)))
+
+
+def _grad_norm(stage, gas, seeds):
+    """Global gradient norm DeepSpeed computes (and clips with) for one optimizer step."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    project = tiny_project("omni", 1, drop_tokens=False)
+    model = build_model(project, VOCAB)
+    fill_weights(model, ep_rank=rank, n_local=4 // world)
+    engine = build_engine({**ds_dict(stage=stage, gas=gas), "gradient_clipping": 1.0}, project, model)
+    for seed in seeds[rank::world]:
+        loss, _, _, _ = forward_loss(engine, batch(seed))
+        engine.backward(loss)
+        engine.step()
+    return float(engine.get_global_grad_norm())
+
+
+@pytest.mark.parametrize("stage", [1, 2])  # at stage 0 DeepSpeed reports no global norm
+def test_global_grad_norm_with_ep2_equals_ep1(stage):
+    [ref] = run_ranks(_grad_norm, 1, stage, 2, [20, 21])
+    norms = run_ranks(_grad_norm, 2, stage, 1, [20, 21])
+    assert ref > 1.0  # clipping is active at this norm
+    assert norms[0] == pytest.approx(ref, rel=1e-5) and norms[1] == pytest.approx(ref, rel=1e-5)

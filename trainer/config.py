@@ -104,6 +104,10 @@ class RunConfig(_Strict):
     output_dir: str = "runs/default"
     max_steps: int = 1000
     log_every: int = 25
+    eval_every: int = 0  # 0: only at the end; every evaluation also saves a checkpoint
+    save_every: int = 0  # 0: only at evaluations and at the end
+    keep_last: int = 3  # newest checkpoints kept, besides the best by dev WER
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     seed: int = 1234
 
 

@@ -1,8 +1,8 @@
 """DeepSpeed glue: process groups, the engine, the training loop, evaluation and checkpoints."""
 import copy
 import json
-import os
-import random
+import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,10 +12,12 @@ import deepspeed.ops
 import torch
 import torch.distributed as dist
 
+from trainer import checkpoint
 from trainer.config import ProjectConfig, resolve_ep_size
 from trainer.data import SamplerState, SpeechDataset, length_batches, loader, padding_fraction, shard, train_batches
 from trainer.decode import greedy_labels, word_error_rate
 from trainer.model import CTCModel, ctc_loss
+from trainer.telemetry import MetricsFile, RoutingMeter
 
 
 def init_distributed() -> tuple[int, int]:
@@ -24,6 +26,13 @@ def init_distributed() -> tuple[int, int]:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name())
     return dist.get_rank(), dist.get_world_size()
+
+
+REQUEUE = 75  # exit status after a signal-requested stop and save: "temporary failure, run me again"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (for example, too many non-finite losses in a row); a checkpoint was saved."""
 
 
 def log0(*args):
@@ -79,46 +88,183 @@ class Meter:
         return {k: v / max(self.count, 1) for k, v in self.sums.items()}
 
 
-def train(engine, project: ProjectConfig, dataset: SpeechDataset, dev: SpeechDataset, tokenizer, out_dir: str,
-          state: SamplerState):
-    """Run until run.max_steps optimizer steps from ``state``; log, then checkpoint and evaluate at the end."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    run, data = project.run, project.data
-    all_batches = length_batches(dataset.utts, data.max_frames_per_batch)
-    log0(f"{len(all_batches)} training batches per epoch over {world} rank(s), "
-         f"padding {100 * padding_fraction(dataset.utts, all_batches):.1f}% of frames")
-    meter, started, history, first_step = Meter(), time.time(), [], engine.global_steps
-    while engine.global_steps < run.max_steps:
-        batches = train_batches(dataset.utts, data.max_frames_per_batch, run.seed, state.epoch, rank, world)
-        if not batches:
-            raise RuntimeError(f"{world} ranks and max_frames_per_batch={data.max_frames_per_batch} "
-                               f"leave no training batch for every rank ({len(dataset)} utterances)")
-        skipped = 0
-        dataset.epoch = state.epoch
-        engine.train()
-        for batch in loader(dataset, batches[state.position:], data.num_workers):
-            state.position += 1
-            loss, ctc, aux, _ = forward_loss(engine, batch)
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()  # DeepSpeed advances it in step()
-            engine.step()
-            skipped += batch["skipped"]
-            meter.add(int(batch["lengths"].sum()), loss=loss.item(), ctc=ctc.item(), aux=aux.item())
-            step = engine.global_steps
-            if boundary and (step % run.log_every == 0 or step == run.max_steps):
-                history.append(log_progress(engine, meter, step, first_step, run.max_steps, state.epoch, started))
-                meter = Meter()
-            if step >= run.max_steps:
-                break
-        report_skipped(skipped, state.epoch)
-        if state.position == len(batches):
-            state.epoch, state.position = state.epoch + 1, 0
-    save(engine, project, out_dir, state)
-    result = evaluate(engine, dev, tokenizer, data.max_frames_per_batch, data.num_workers)
-    log0(f"dev: loss {result['loss']:.3f}  WER {result['wer']:.2f}%  ({result['utterances']} utterances)")
-    if rank == 0:
-        Path(out_dir, "results.json").write_text(json.dumps({"train": history, "dev": result}, indent=1))
-    return history, result
+class StopSignal:
+    """SIGTERM and SIGUSR1 (what SLURM sends before a time limit or preemption) set a flag; the ranks agree
+    on it at the next step, so all of them stop at the same step boundary."""
+
+    def __init__(self):
+        self.received = ""
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.received = signal.Signals(signum).name
+
+
+def any_rank(*flags: bool) -> list[bool]:
+    """Each flag as set on any rank (one all-reduce of a few numbers)."""
+    t = torch.tensor([float(f) for f in flags], device=deepspeed.get_accelerator().current_device_name())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
+
+
+class Trainer:
+    """The training loop around one DeepSpeed engine: steps, logs, evaluations, checkpoints, stops."""
+
+    def __init__(self, engine, project: ProjectConfig, train_set: SpeechDataset, dev_sets: dict, tokenizer,
+                 out_dir: str):
+        self.engine, self.project, self.train_set, self.dev_sets = engine, project, train_set, dev_sets
+        self.tokenizer, self.out_dir = tokenizer, Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.metrics = MetricsFile(self.out_dir / "metrics.jsonl", dist.get_rank() == 0)
+        self.state = SamplerState()
+        self.best = {"wer": math.inf, "tag": ""}
+        self.bad_in_a_row = self.skipped_steps = 0
+        self.history = []
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def save(self) -> str:
+        client = {"project_config": self.project.model_dump(), "step": self.engine.global_steps,
+                  "sampler": {"epoch": self.state.epoch, "position": self.state.position}, "best": self.best,
+                  "world_size": dist.get_world_size()}
+        keep = {self.best["tag"]} if self.best["tag"] else set()
+        tag = checkpoint.save(self.engine, self.ckpt_dir, client, self.project.run.keep_last, keep)
+        log0(f"saved checkpoint {self.ckpt_dir / tag}")
+        return tag
+
+    def resume(self, reset_optimizer: bool = False) -> bool:
+        """Continue from the newest usable checkpoint, if any: weights, optimizer, scheduler, step, random
+        states and data position. A different world size needs ``reset_optimizer`` (weights only)."""
+        box = [checkpoint.newest_usable(self.ckpt_dir) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        newest, warnings = box[0]
+        for w in warnings:
+            log0(f"WARNING: skipping a damaged checkpoint: {w}")
+        if not newest:
+            return False
+        saved_world = torch.load(self.ckpt_dir / newest / "mp_rank_00_model_states.pt", weights_only=False,
+                                 map_location="cpu").get("world_size")
+        if saved_world != dist.get_world_size() and not reset_optimizer:
+            raise TrainingError(f"{self.ckpt_dir / newest} was written by {saved_world} ranks, this run has "
+                                f"{dist.get_world_size()}: the optimizer state cannot be re-partitioned; pass "
+                                "--reset_optimizer to continue from the weights with a fresh optimizer")
+        tag, client = checkpoint.load(self.engine, self.ckpt_dir, newest, load_optimizer=not reset_optimizer)
+        self.state = SamplerState(**client["sampler"])
+        self.best = client.get("best", self.best)
+        log0(f"resumed from {self.ckpt_dir / tag} at step {self.engine.global_steps}"
+             + (" (optimizer reset)" if reset_optimizer else ""))
+        return True
+
+    # -- training ----------------------------------------------------------------------------------------
+    def fit(self) -> int:
+        """Train to run.max_steps; 0 when done, REQUEUE when stopped by a signal (after saving)."""
+        engine, run, data = self.engine, self.project.run, self.project.data
+        rank, world = dist.get_rank(), dist.get_world_size()
+        stop = StopSignal()
+        all_batches = length_batches(self.train_set.utts, data.max_frames_per_batch)
+        log0(f"{len(all_batches)} training batches per epoch over {world} rank(s), "
+             f"padding {100 * padding_fraction(self.train_set.utts, all_batches):.1f}% of frames")
+        meter, started, first_step = Meter(), time.time(), engine.global_steps
+        while engine.global_steps < run.max_steps:
+            batches = train_batches(self.train_set.utts, data.max_frames_per_batch, run.seed, self.state.epoch,
+                                    rank, world)
+            if not batches:
+                raise TrainingError(f"{world} ranks and max_frames_per_batch={data.max_frames_per_batch} "
+                                    f"leave no training batch for every rank ({len(self.train_set)} utterances)")
+            self.train_set.epoch, skipped = self.state.epoch, 0
+            engine.train()
+            for batch in loader(self.train_set, batches[self.state.position:], data.num_workers):
+                self.state.position += 1
+                skipped += batch["skipped"]
+                loss, ctc, aux, _ = forward_loss(engine, batch)
+                bad, stopping = any_rank(not torch.isfinite(loss).item(), bool(stop.received))
+                boundary = engine.is_gradient_accumulation_boundary()  # DeepSpeed advances it in step()
+                if bad:
+                    self.skip_bad_step()
+                else:
+                    self.bad_in_a_row = 0
+                    engine.backward(loss)
+                    engine.step()
+                    meter.add(int(batch["lengths"].sum()), loss=loss.item(), ctc=ctc.item(), aux=aux.item())
+                step = engine.global_steps
+                if stopping and (boundary or bad):
+                    log0(f"stop requested ({stop.received or 'by another rank'}): saving at step {step}")
+                    self.save()
+                    return REQUEUE
+                if not boundary or bad:
+                    continue
+                if step % run.log_every == 0 or step == run.max_steps:
+                    self.log_train(meter, step, first_step, started)
+                    meter = Meter()
+                if step >= run.max_steps:
+                    break
+                if run.eval_every and step % run.eval_every == 0:
+                    self.evaluate_and_save()
+                    engine.train()
+                elif run.save_every and step % run.save_every == 0:
+                    self.save()
+            report_skipped(skipped, self.state.epoch)
+            if self.state.position == len(batches):
+                self.state.epoch, self.state.position = self.state.epoch + 1, 0
+        result = self.evaluate_and_save()
+        if rank == 0:
+            (self.out_dir / "results.json").write_text(json.dumps({"train": self.history, "dev": result}, indent=1))
+        return 0
+
+    def skip_bad_step(self):
+        """A non-finite loss on any rank: no rank applies this batch; too many in a row stop the run."""
+        self.bad_in_a_row += 1
+        self.skipped_steps += 1
+        log0(f"step {self.engine.global_steps}: non-finite loss on some rank, batch skipped on all "
+             f"({self.bad_in_a_row} in a row, {self.skipped_steps} in all)")
+        if self.bad_in_a_row > self.project.run.max_bad_steps:
+            tag = self.save()
+            raise TrainingError(f"{self.bad_in_a_row} non-finite losses in a row (run.max_bad_steps="
+                                f"{self.project.run.max_bad_steps}); the last good state is {self.ckpt_dir / tag}")
+
+    def log_train(self, meter: Meter, step: int, first_step: int, started: float):
+        elapsed = time.time() - meter.start
+        m = meter.means()
+        fps = meter.frames * dist.get_world_size() / max(elapsed, 1e-9)  # input frames (10 ms), all ranks
+        eta = (time.time() - started) / max(step - first_step, 1) * (self.project.run.max_steps - step)
+        row = {"kind": "train", "step": step, "epoch": self.state.epoch, **m, "lr": self.engine.get_lr()[0],
+               "frames_per_s": fps, "skipped_steps": self.skipped_steps}
+        log0(f"step {step}/{self.project.run.max_steps} ep {self.state.epoch} loss {m.get('loss', math.nan):.3f} "
+             f"ctc {m.get('ctc', math.nan):.3f} aux {m.get('aux', math.nan):.4f} lr {row['lr']:.2e} "
+             f"{fps:,.0f} frames/s ETA {eta / 60:.1f} min")
+        self.history.append(row)
+        self.metrics.write(row)
+
+    # -- evaluation --------------------------------------------------------------------------------------
+    def evaluate_and_save(self) -> dict:
+        result = self.evaluate()
+        if result["mean_wer"] < self.best["wer"]:
+            self.best = {"wer": result["mean_wer"], "tag": f"step{self.engine.global_steps}"}
+        self.save()
+        return result
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Loss and greedy-CTC WER per dev set and their unweighted mean, with routing telemetry."""
+        data, routing = self.project.data, RoutingMeter()
+        sets = {name: evaluate(self.engine, ds, self.tokenizer, data.max_frames_per_batch, data.num_workers,
+                               routing) for name, ds in self.dev_sets.items()}
+        routing.all_reduce()
+        result = {"kind": "eval", "step": self.engine.global_steps, "sets": sets,
+                  "mean_wer": sum(r["wer"] for r in sets.values()) / len(sets),
+                  "mean_loss": sum(r["loss"] for r in sets.values()) / len(sets), "routing": routing.summary()}
+        for name, r in sets.items():
+            log0(f"dev {name}: loss {r['loss']:.3f}  WER {r['wer']:.2f}%  ({r['utterances']} utterances)")
+        log0(f"dev mean WER {result['mean_wer']:.2f}% over {len(sets)} set(s) at step {result['step']}")
+        for i, layer in enumerate(result["routing"]["layers"]):
+            load = " ".join(f"{x:.2f}" for x in layer["load"])
+            log0(f"  MoE layer {i}: load [{load}] entropy {layer['entropy']:.3f} dropped "
+                 f"{100 * layer['dropped']:.1f}% capacity used {100 * layer['capacity_used']:.0f}%")
+        if result["routing"]["adjacent_nmi"]:
+            log0("  adjacent-layer NMI of expert choices: "
+                 + " ".join(f"{x:.3f}" for x in result["routing"]["adjacent_nmi"]))
+        self.metrics.write(result)
+        return result
 
 
 def report_skipped(skipped: int, epoch: int):
@@ -129,20 +275,10 @@ def report_skipped(skipped: int, epoch: int):
         log0(f"epoch {epoch}: skipped {total.item()} utterances whose audio could not be read")
 
 
-def log_progress(engine, meter: Meter, step: int, first_step: int, max_steps: int, epoch: int, started: float):
-    elapsed = time.time() - meter.start
-    m = meter.means()
-    fps = meter.frames * dist.get_world_size() / max(elapsed, 1e-9)  # input frames (10 ms), all ranks
-    eta = (time.time() - started) / max(step - first_step, 1) * (max_steps - step)
-    row = {"step": step, "epoch": epoch, **m, "lr": engine.get_lr()[0], "frames_per_s": fps}
-    log0(f"step {step}/{max_steps} ep {epoch} loss {m['loss']:.3f} ctc {m['ctc']:.3f} aux {m['aux']:.4f} "
-         f"lr {row['lr']:.2e} {fps:,.0f} frames/s ETA {eta / 60:.1f} min")
-    return row
-
-
 @torch.no_grad()
-def evaluate(engine, dataset: SpeechDataset, tokenizer, max_frames: int, workers: int = 0) -> dict:
-    """Dev loss and greedy-CTC WER over the whole set; ranks step in lockstep, filler batches discarded."""
+def evaluate(engine, dataset: SpeechDataset, tokenizer, max_frames: int, workers: int = 0,
+             routing: RoutingMeter = None) -> dict:
+    """Dev loss and greedy-CTC WER over one set; ranks step in lockstep, filler batches discarded."""
     rank, world = dist.get_rank(), dist.get_world_size()
     engine.eval()
     mine = shard(length_batches(dataset.utts, max_frames), rank, world, fill=True)
@@ -151,6 +287,8 @@ def evaluate(engine, dataset: SpeechDataset, tokenizer, max_frames: int, workers
         loss, _, _, out = forward_loss(engine, batch)
         if filler or not batch["weight"].any():
             continue
+        if routing is not None and out.routing:
+            routing.add(out.routing)
         loss_sum += loss.item() * len(batch["index"])
         hyps = [tokenizer.decode(h) for h in greedy_labels(out.log_probs, out.lengths)]
         rows += [(dataset.utts[i].text, h) for i, h in zip(batch["index"].tolist(), hyps)]
@@ -158,40 +296,7 @@ def evaluate(engine, dataset: SpeechDataset, tokenizer, max_frames: int, workers
     dist.all_gather_object(gathered, (rows, loss_sum))
     rows = [r for part, _ in gathered for r in part]
     if not rows:
-        raise RuntimeError("no dev utterance could be decoded")
+        raise TrainingError("no dev utterance could be decoded")
     refs, hyps = zip(*rows)
     return {"loss": sum(s for _, s in gathered) / len(rows), "wer": word_error_rate(list(refs), list(hyps)),
             "utterances": len(rows), "examples": [{"ref": r, "hyp": h} for r, h in rows[:5]]}
-
-
-def _rng_file(ckpt_dir: str, tag: str) -> str:
-    return os.path.join(ckpt_dir, tag, f"rng_rank{dist.get_rank()}.pt")
-
-
-def resume(engine, out_dir: str) -> SamplerState:
-    """Continue from the newest checkpoint in out_dir, if there is one: weights, optimizer and scheduler
-    states, step, every rank's random state (dropout, SpecAugment) and the data position, so the run goes
-    on exactly as an uninterrupted one would."""
-    ckpt = os.path.join(out_dir, "checkpoints")
-    if not os.path.exists(os.path.join(ckpt, "latest")):
-        return SamplerState()
-    path, client = engine.load_checkpoint(ckpt)
-    rng = torch.load(_rng_file(ckpt, client["tag"]), weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    log0(f"resumed from {path} at step {engine.global_steps}")
-    return SamplerState(**client["sampler"])
-
-
-def save(engine, project: ProjectConfig, out_dir: str, state: SamplerState) -> str:
-    """DeepSpeed checkpoint (dense states, one file per expert, ZeRO shards) plus config, data position and
-    each rank's random state."""
-    tag = f"step{engine.global_steps}"
-    ckpt = os.path.join(out_dir, "checkpoints")
-    engine.save_checkpoint(ckpt, tag=tag, client_state={
-        "project_config": project.model_dump(), "step": engine.global_steps, "tag": tag,
-        "sampler": {"epoch": state.epoch, "position": state.position}})
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, _rng_file(ckpt, tag))
-    dist.barrier()
-    log0(f"saved checkpoint {ckpt}/{tag}")
-    return tag

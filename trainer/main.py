@@ -3,6 +3,7 @@
 With no data flags it trains on the embedded corpus (built on first use); manifests of your own data are
 flags. Rank 0 prepares shared files (corpus, tokenizer) while the others wait at a barrier.
 """
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch.distributed as dist  # noqa: E402
 from trainer.config import ConfigError, load_config, resolve_ep_size, with_overrides  # noqa: E402
 from trainer.corpus import build_corpus  # noqa: E402
 from trainer.data import SpeechDataset  # noqa: E402
-from trainer.engine import build_engine, build_model, init_distributed, log0, resume, train  # noqa: E402
+from trainer.engine import Trainer, TrainingError, build_engine, build_model, init_distributed, log0  # noqa: E402
 from trainer.sources import DataError, read_sources  # noqa: E402
 from trainer.text import Tokenizer  # noqa: E402
 
@@ -34,6 +35,10 @@ def parse_args(argv=None):
     p.add_argument("--corpus_dir", default=None, help="overrides omni_router.data.corpus_dir")
     p.add_argument("--strict_data", action="store_true", default=None,
                    help="stop at start-up on any unusable row instead of skipping it")
+    p.add_argument("--eval_only", action="store_true",
+                   help="evaluate the newest checkpoint in the output directory on the dev sets, and stop")
+    p.add_argument("--reset_optimizer", action="store_true",
+                   help="resume from the weights only (needed when the number of ranks changed)")
     deepspeed.add_config_arguments(p)
     args = p.parse_args(argv)
     if not args.deepspeed_config:
@@ -74,24 +79,33 @@ def prepare_data(project):
         dev_m = dev_m or ([] if data.dev_hf else [str(corpus / "dev.jsonl")])
     if not dev_m and not data.dev_hf:
         raise DataError("no dev set: pass --dev_manifest (or omni_router.data.dev_manifests / dev_hf)")
-    splits = {}
-    for name, manifests, hf in (("train", train_m, data.train_hf), ("dev", dev_m, data.dev_hf)):
+    train, problems = read_sources(train_m, data.train_hf, data.max_duration, data.strict_data)
+    report(problems, "train")
+    dev = {}  # one set per dev source, named after it: WER is reported per set and averaged
+    for name, manifests, hf in [(Path(m).stem, [m], []) for m in dev_m] + [(Path(h.path).name, [], [h])
+                                                                           for h in data.dev_hf]:
         utts, problems = read_sources(manifests, hf, data.max_duration, data.strict_data)
-        if problems:
-            shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
-            log0(f"{name}: skipping {len(problems)} unusable rows:\n  {shown}")
+        report(problems, name)
+        dev[name if name not in dev else f"{name}.{len(dev)}"] = utts
+    for name, utts in [("train", train), *dev.items()]:
         if not utts:
-            raise DataError(f"{name}: no usable utterance in {manifests + [h.path for h in hf]}")
-        splits[name] = utts
+            raise DataError(f"{name}: no usable utterance")
     sp_path = out / "tokenizer.model"
     if not sp_path.exists():
-        on_rank0(lambda: Tokenizer.train([u.text for u in splits["train"]], str(sp_path), data.vocab_size))
+        on_rank0(lambda: Tokenizer.train([u.text for u in train], str(sp_path), data.vocab_size))
     tokenizer = Tokenizer(str(sp_path))
     if data.global_cmvn:  # the statistics travel with the model, beside its tokenizer
         on_rank0(lambda: shutil.copyfile(data.global_cmvn, out / "cmvn.json"))
     n_mels = project.model.n_mels
-    return (SpeechDataset(splits["train"], tokenizer, data, n_mels, train=True, seed=project.run.seed),
-            SpeechDataset(splits["dev"], tokenizer, data, n_mels, train=False), tokenizer)
+    return (SpeechDataset(train, tokenizer, data, n_mels, train=True, seed=project.run.seed),
+            {name: SpeechDataset(utts, tokenizer, data, n_mels, train=False) for name, utts in dev.items()},
+            tokenizer)
+
+
+def report(problems: list, name: str):
+    if problems:
+        shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
+        log0(f"{name}: skipping {len(problems)} unusable rows:\n  {shown}")
 
 
 def main(argv=None) -> int:
@@ -103,7 +117,7 @@ def main(argv=None) -> int:
         return 2
     _, world = init_distributed()
     try:
-        train_set, dev_set, tokenizer = prepare_data(project)
+        train_set, dev_sets, tokenizer = prepare_data(project)
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         return 2
@@ -112,10 +126,21 @@ def main(argv=None) -> int:
     params = sum(p.numel() for p in model.parameters())
     log0(f"mode {project.moe.mode}: {params:,} parameters on rank 0, {len(model.routers())} router(s), "
          f"{world} rank(s), ep_size {resolve_ep_size(project.moe, world)}, {len(train_set)} train / "
-         f"{len(dev_set)} dev utterances, vocabulary {tokenizer.vocab_size}")
-    state = resume(engine, project.run.output_dir)
-    train(engine, project, train_set, dev_set, tokenizer, project.run.output_dir, state)
-    return 0
+         f"{sum(len(d) for d in dev_sets.values())} dev utterances, vocabulary {tokenizer.vocab_size}")
+    trainer = Trainer(engine, project, train_set, dev_sets, tokenizer, project.run.output_dir)
+    try:
+        resumed = trainer.resume(args.reset_optimizer)
+        if args.eval_only:
+            if not resumed:
+                raise TrainingError(f"--eval_only: no usable checkpoint in {trainer.ckpt_dir}")
+            result = trainer.evaluate()
+            if dist.get_rank() == 0:
+                Path(project.run.output_dir, f"eval_step{result['step']}.json").write_text(json.dumps(result, indent=1))
+            return 0
+        return trainer.fit()
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -20,12 +20,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.moe.sharded_moe import TopKGate, gumbel_rsample, multiplicative_jitter
 
+from trainer.telemetry import entropy_of
+
 
 @dataclass
 class RoutingStats:
     """What one gate call decided, for the losses and for telemetry."""
     lb_loss: torch.Tensor  # Switch load-balancing loss E * sum_e f_e * P_e over real frames
     z_loss: torch.Tensor  # mean over real frames of logsumexp(logits)^2
+    entropy: torch.Tensor  # mean over real frames of the router distribution's entropy
     first_choice: torch.Tensor  # [S] int64 top-1 expert of every frame, -1 for padding
     expert_counts: torch.Tensor  # [E] routes kept per expert after the capacity limit
     dropped: torch.Tensor  # routes of real frames dropped by the capacity limit
@@ -106,7 +109,7 @@ def route(logits: torch.Tensor, real: torch.Tensor, k: int, capacity_factor: flo
     lb_loss = (me * ce).sum() * E
     z_loss = (torch.logsumexp(logits, dim=-1).square() * real_f).sum() / n_real
     expert_counts = kept.sum(dim=(0, 1)).detach()
-    stats = RoutingStats(lb_loss=lb_loss, z_loss=z_loss,
+    stats = RoutingStats(lb_loss=lb_loss, z_loss=z_loss, entropy=entropy_of(probs, real).detach(),
                          first_choice=torch.where(real, indices[0], torch.full_like(indices[0], -1)).detach(),
                          expert_counts=expert_counts, dropped=(masks.sum() - kept.sum()).detach(),
                          routes=masks.sum().detach(), capacity=capacity)

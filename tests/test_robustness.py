@@ -1,0 +1,109 @@
+"""Runs that survive: atomic checkpoints, damaged ones skipped, signals, non-finite losses, evaluation."""
+import json
+import signal
+import subprocess
+import time
+
+import numpy as np
+import psutil
+import soundfile as sf
+
+from tests.test_main import ROOT, command, launch, tiny_config
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_periodic_evaluation_telemetry_retention_and_damaged_checkpoints(tmp_path, corpus):
+    config = tiny_config(tmp_path, run={"eval_every": 8, "keep_last": 1})
+    extra = ["--dev_manifest", str(corpus / "dev.jsonl"), "--dev_manifest", str(corpus / "test.jsonl")]
+    out = tmp_path / "run"
+    proc = launch(config, corpus, out, 2, extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [r for r in metrics(out) if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [8, 16, 24]
+    for r in evals:
+        assert set(r["sets"]) == {"dev", "test"}
+        assert r["mean_wer"] == (r["sets"]["dev"]["wer"] + r["sets"]["test"]["wer"]) / 2
+        layers = r["routing"]["layers"]
+        assert len(layers) == 2 and len(r["routing"]["adjacent_nmi"]) == 1
+        assert all(abs(sum(layer["load"]) - 1) < 1e-6 and 0 <= layer["dropped"] <= 1 for layer in layers)
+        assert 0 <= r["routing"]["adjacent_nmi"][0] <= 1
+    assert "adjacent-layer NMI" in proc.stdout and "MoE layer 1: load [" in proc.stdout
+    best = min(evals, key=lambda r: r["mean_wer"])["step"]
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert kept == sorted({"step24", f"step{best}"})  # the newest, and the best by dev WER
+    assert (out / "checkpoints" / "latest").read_text() == "step24"
+
+    if best != 24:  # damage the newest: the best one must be chosen instead, with a warning naming the file
+        victim = next((out / "checkpoints" / "step24").glob("layer_1_expert_3_*"))
+        victim.unlink()
+        again = launch(config, corpus, out, 2, extra + ["--eval_only"])
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert f"skipping a damaged checkpoint: {victim}: missing" in again.stdout
+        assert f"resumed from {out / 'checkpoints' / f'step{best}'}" in again.stdout
+    (out / "checkpoints" / "step24" / "complete.json").unlink(missing_ok=True)
+    for tag in kept:
+        (out / "checkpoints" / tag / "complete.json").unlink(missing_ok=True)
+    none = launch(config, corpus, out, 2, extra + ["--eval_only"])
+    assert none.returncode == 1 and "no usable checkpoint" in none.stderr
+    assert "incomplete (no complete.json" in none.stdout
+
+
+def rank_process(launcher: subprocess.Popen, local_rank: int) -> psutil.Process:
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        if f"--local_rank={local_rank}" in " ".join(child.cmdline()):
+            return child
+    raise AssertionError(f"no rank {local_rank} under the launcher")
+
+
+def test_signal_to_one_rank_stops_all_at_a_step_boundary_saves_and_resumes(tmp_path, corpus):
+    config = tiny_config(tmp_path, run={"max_steps": 400, "log_every": 2})
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(config, corpus, out, 2), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines, deadline = [], time.time() + 300
+    for line in proc.stdout:  # wait until training is under way
+        lines.append(line)
+        if line.startswith("step 4/400") or time.time() > deadline:
+            break
+    rank_process(proc, 1).send_signal(signal.SIGUSR1)
+    lines += proc.stdout.readlines()
+    proc.wait(timeout=300)
+    log = "".join(lines)
+    assert proc.returncode == 75, log[-3000:]  # REQUEUE
+    assert "stop requested" in log
+    tag = (out / "checkpoints" / "latest").read_text()
+    step = int(tag[4:])
+    assert 4 <= step < 400 and (out / "checkpoints" / tag / "complete.json").exists()
+    resumed = launch(config, corpus, out, 2, ["--max_steps", str(step + 4)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / tag} at step {step}" in resumed.stdout
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_path, corpus):
+    wave = np.full(16000, np.nan, dtype="float32")
+    sf.write(tmp_path / "nan.wav", wave, 16000, subtype="FLOAT")
+    manifest = tmp_path / "nan.jsonl"
+    manifest.write_text("".join(json.dumps({"audio_filepath": "nan.wav", "duration": 1.0, "text": f"word {i}"})
+                                + "\n" for i in range(40)))
+    config = tiny_config(tmp_path, run={"max_bad_steps": 3})
+    proc = launch(config, corpus, tmp_path / "run", 2, ["--train_manifest", str(manifest), "--dev_manifest",
+                                                       str(corpus / "dev.jsonl")])
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "non-finite loss on some rank, batch skipped on all (4 in a row" in proc.stdout
+    assert "4 non-finite losses in a row" in proc.stderr and "last good state" in proc.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step0" / "complete.json").exists()
+
+
+def test_changing_the_number_of_ranks_needs_reset_optimizer(tmp_path, corpus):
+    config = tiny_config(tmp_path, run={"max_steps": 8})
+    out = tmp_path / "run"
+    assert launch(config, corpus, out, 2).returncode == 0
+    refused = launch(config, corpus, out, 1, ["--max_steps", "12"])
+    assert refused.returncode == 1 and "written by 2 ranks, this run has 1" in refused.stderr
+    assert "--reset_optimizer" in refused.stderr
+    moved = launch(config, corpus, out, 1, ["--max_steps", "12", "--reset_optimizer"])
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    assert "at step 8 (optimizer reset)" in moved.stdout

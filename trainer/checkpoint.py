@@ -1,0 +1,102 @@
+"""Checkpoints that survive crashes: atomic publication, verification at start-up, retention.
+
+DeepSpeed writes ``latest`` from rank 0 without waiting for the other ranks' files. Here a checkpoint becomes
+visible only after every rank has written everything: the save runs with ``save_latest=False``, all ranks
+meet at a barrier, rank 0 records every file and its size in ``TAG/complete.json``, and only then replaces
+``latest`` atomically. At start-up the newest checkpoint whose record matches the disk is used; a damaged
+or partial one is reported by name and skipped.
+"""
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+RECORD = "complete.json"
+
+
+def _rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+def _atomic_write(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _step(tag: str) -> int:
+    return int(tag[len("step"):]) if tag.startswith("step") and tag[4:].isdigit() else -1
+
+
+def problem(ckpt_dir: Path, tag: str) -> str:
+    """Why this checkpoint cannot be used, or '' if every recorded file is there with its size."""
+    record = ckpt_dir / tag / RECORD
+    if not record.exists():
+        return f"{ckpt_dir / tag}: incomplete (no {RECORD}; the save did not finish)"
+    try:
+        files = json.loads(record.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        return f"{record}: unreadable ({e})"
+    for name, size in files.items():
+        path = ckpt_dir / tag / name
+        if not path.exists():
+            return f"{path}: missing"
+        if path.stat().st_size != size:
+            return f"{path}: {path.stat().st_size} bytes, {size} recorded"
+    return ""
+
+
+def newest_usable(ckpt_dir: Path) -> tuple[str, list[str]]:
+    """The newest verified tag ('' if none) and the warnings about newer ones that were skipped."""
+    if not ckpt_dir.is_dir():
+        return "", []
+    tags = sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and _step(p.name) >= 0), key=_step, reverse=True)
+    warnings = []
+    for tag in tags:
+        why = problem(ckpt_dir, tag)
+        if not why:
+            return tag, warnings
+        warnings.append(why)
+    return "", warnings
+
+
+def _rng_file(ckpt_dir: Path, tag: str) -> Path:
+    return ckpt_dir / tag / f"rng_rank{dist.get_rank()}.pt"
+
+
+def save(engine, ckpt_dir: Path, client_state: dict, keep_last: int, keep: set) -> str:
+    """Write a checkpoint on every rank, then publish it; keep the newest ``keep_last`` and those in ``keep``."""
+    tag = f"step{engine.global_steps}"
+    if _rank0() and (ckpt_dir / tag).exists():  # a leftover of a crashed save with this step
+        shutil.rmtree(ckpt_dir / tag)
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client_state, "tag": tag}, save_latest=False)
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, _rng_file(ckpt_dir, tag))
+    dist.barrier()  # every rank's files are on disk
+    if _rank0():
+        files = {str(p.relative_to(ckpt_dir / tag)): p.stat().st_size
+                 for p in sorted((ckpt_dir / tag).rglob("*")) if p.is_file()}
+        _atomic_write(ckpt_dir / tag / RECORD, json.dumps({"files": files}))
+        _atomic_write(ckpt_dir / "latest", tag)
+        tags = sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and _step(p.name) >= 0), key=_step)
+        for old in tags[:-keep_last] if keep_last > 0 else []:
+            if old not in keep and old != tag:
+                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def load(engine, ckpt_dir: Path, tag: str, load_optimizer: bool = True) -> tuple[str, dict]:
+    """Load a verified checkpoint (the caller picks it with ``newest_usable`` on rank 0 and broadcasts it)."""
+    _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=load_optimizer,
+                                       load_lr_scheduler_states=load_optimizer)
+    rng = _rng_file(ckpt_dir, tag)
+    if rng.exists():  # absent when the world size changed: then the random streams start afresh
+        state = torch.load(rng, weights_only=False)
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+    return tag, client
