@@ -16,9 +16,10 @@ def metrics(out):
 
 
 def test_periodic_evaluation_telemetry_retention_and_damaged_checkpoints(tmp_path, corpus):
-    config = tiny_config(tmp_path, run={"eval_every": 8, "keep_last": 1})
-    extra = ["--dev_manifest", str(corpus / "dev.jsonl"), "--dev_manifest", str(corpus / "test.jsonl")]
     out = tmp_path / "run"
+    config = tiny_config(tmp_path, run={"eval_every": 8, "keep_last": 1},
+                         tensorboard={"enabled": True, "output_path": str(out / "tb"), "job_name": "tiny"})
+    extra = ["--dev_manifest", str(corpus / "dev.jsonl"), "--dev_manifest", str(corpus / "test.jsonl")]
     proc = launch(config, corpus, out, 2, extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = [r for r in metrics(out) if r["kind"] == "eval"]
@@ -31,6 +32,8 @@ def test_periodic_evaluation_telemetry_retention_and_damaged_checkpoints(tmp_pat
         assert all(abs(sum(layer["load"]) - 1) < 1e-6 and 0 <= layer["dropped"] <= 1 for layer in layers)
         assert 0 <= r["routing"]["adjacent_nmi"][0] <= 1
     assert "adjacent-layer NMI" in proc.stdout and "MoE layer 1: load [" in proc.stdout
+    events = list((out / "tb").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
     best = min(evals, key=lambda r: r["mean_wer"])["step"]
     kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
     assert kept == sorted({"step24", f"step{best}"})  # the newest, and the best by dev WER
@@ -102,7 +105,7 @@ def test_changing_the_number_of_ranks_needs_reset_optimizer(tmp_path, corpus):
     out = tmp_path / "run"
     assert launch(config, corpus, out, 2).returncode == 0
     refused = launch(config, corpus, out, 1, ["--max_steps", "12"])
-    assert refused.returncode == 1 and "written by 2 ranks, this run has 1" in refused.stderr
+    assert refused.returncode == 1 and "written by 2 ranks with ep_size 2, this run has 1 with ep_size 1" in refused.stderr
     assert "--reset_optimizer" in refused.stderr
     moved = launch(config, corpus, out, 1, ["--max_steps", "12", "--reset_optimizer"])
     assert moved.returncode == 0, moved.stderr[-3000:]

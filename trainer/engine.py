@@ -126,7 +126,8 @@ class Trainer:
     def save(self) -> str:
         client = {"project_config": self.project.model_dump(), "step": self.engine.global_steps,
                   "sampler": {"epoch": self.state.epoch, "position": self.state.position}, "best": self.best,
-                  "world_size": dist.get_world_size()}
+                  "world_size": dist.get_world_size(),
+                  "ep_size": resolve_ep_size(self.project.moe, dist.get_world_size())}
         keep = {self.best["tag"]} if self.best["tag"] else set()
         tag = checkpoint.save(self.engine, self.ckpt_dir, client, self.project.run.keep_last, keep)
         log0(f"saved checkpoint {self.ckpt_dir / tag}")
@@ -142,12 +143,15 @@ class Trainer:
             log0(f"WARNING: skipping a damaged checkpoint: {w}")
         if not newest:
             return False
-        saved_world = torch.load(self.ckpt_dir / newest / "mp_rank_00_model_states.pt", weights_only=False,
-                                 map_location="cpu").get("world_size")
-        if saved_world != dist.get_world_size() and not reset_optimizer:
-            raise TrainingError(f"{self.ckpt_dir / newest} was written by {saved_world} ranks, this run has "
-                                f"{dist.get_world_size()}: the optimizer state cannot be re-partitioned; pass "
-                                "--reset_optimizer to continue from the weights with a fresh optimizer")
+        saved = torch.load(self.ckpt_dir / newest / "mp_rank_00_model_states.pt", weights_only=False,
+                           map_location="cpu")
+        layout = (saved.get("world_size"), saved.get("ep_size"))
+        now = (dist.get_world_size(), resolve_ep_size(self.project.moe, dist.get_world_size()))
+        if layout != now and not reset_optimizer:
+            raise TrainingError(f"{self.ckpt_dir / newest} was written by {layout[0]} ranks with ep_size {layout[1]}, "
+                                f"this run has {now[0]} with ep_size {now[1]}: the optimizer state cannot be "
+                                "re-partitioned; pass --reset_optimizer to continue from the weights (experts are "
+                                "stored by global id) with a fresh optimizer")
         tag, client = checkpoint.load(self.engine, self.ckpt_dir, newest, load_optimizer=not reset_optimizer)
         self.state = SamplerState(**client["sampler"])
         self.best = client.get("best", self.best)
@@ -176,7 +180,7 @@ class Trainer:
             for batch in loader(self.train_set, batches[self.state.position:], data.num_workers):
                 self.state.position += 1
                 skipped += batch["skipped"]
-                loss, ctc, aux, _ = forward_loss(engine, batch)
+                loss, ctc, aux, out = forward_loss(engine, batch)
                 bad, stopping = any_rank(not torch.isfinite(loss).item(), bool(stop.received))
                 boundary = engine.is_gradient_accumulation_boundary()  # DeepSpeed advances it in step()
                 if bad:
@@ -185,7 +189,8 @@ class Trainer:
                     self.bad_in_a_row = 0
                     engine.backward(loss)
                     engine.step()
-                    meter.add(int(batch["lengths"].sum()), loss=loss.item(), ctc=ctc.item(), aux=aux.item())
+                    meter.add(int(batch["lengths"].sum()), loss=loss.item(), ctc=ctc.item(), aux=aux.item(),
+                              lb=out.mean_over_layers("lb_loss"), z=out.mean_over_layers("z_loss"))
                 step = engine.global_steps
                 if stopping and (boundary or bad):
                     log0(f"stop requested ({stop.received or 'by another rank'}): saving at step {step}")
@@ -230,10 +235,16 @@ class Trainer:
         row = {"kind": "train", "step": step, "epoch": self.state.epoch, **m, "lr": self.engine.get_lr()[0],
                "frames_per_s": fps, "skipped_steps": self.skipped_steps}
         log0(f"step {step}/{self.project.run.max_steps} ep {self.state.epoch} loss {m.get('loss', math.nan):.3f} "
-             f"ctc {m.get('ctc', math.nan):.3f} aux {m.get('aux', math.nan):.4f} lr {row['lr']:.2e} "
-             f"{fps:,.0f} frames/s ETA {eta / 60:.1f} min")
+             f"ctc {m.get('ctc', math.nan):.3f} lb {m.get('lb', math.nan):.3f} z {m.get('z', math.nan):.3f} "
+             f"lr {row['lr']:.2e} {fps:,.0f} frames/s ETA {eta / 60:.1f} min")
         self.history.append(row)
         self.metrics.write(row)
+        self.monitor(step, {f"train/{k}": v for k, v in row.items() if k not in ("kind", "step")})
+
+    def monitor(self, step: int, values: dict):
+        """DeepSpeed's monitor (TensorBoard, CSV, W&B as its config section enables) on rank 0."""
+        if self.engine.monitor.enabled and dist.get_rank() == 0:
+            self.engine.monitor.write_events([(k, float(v), step) for k, v in values.items()])
 
     # -- evaluation --------------------------------------------------------------------------------------
     def evaluate_and_save(self) -> dict:
@@ -264,6 +275,12 @@ class Trainer:
             log0("  adjacent-layer NMI of expert choices: "
                  + " ".join(f"{x:.3f}" for x in result["routing"]["adjacent_nmi"]))
         self.metrics.write(result)
+        values = {f"dev/{name}/{k}": r[k] for name, r in sets.items() for k in ("loss", "wer")}
+        values.update({"dev/mean_wer": result["mean_wer"]}, **{
+            f"routing/layer{i}/{k}": layer[k] for i, layer in enumerate(result["routing"]["layers"])
+            for k in ("entropy", "dropped", "capacity_used")})
+        values.update({f"routing/nmi_{i}_{i + 1}": x for i, x in enumerate(result["routing"]["adjacent_nmi"])})
+        self.monitor(result["step"], values)
         return result
 
 

@@ -78,6 +78,10 @@ class ModelOutput:
     aux_loss: torch.Tensor  # weighted load-balancing + z-loss, mean over MoE layers (0 for dense)
     routing: list  # RoutingStats of each MoE layer, in depth order
 
+    def mean_over_layers(self, field: str) -> float:
+        """An unweighted routing loss ('lb_loss' or 'z_loss') averaged over MoE layers, for logs."""
+        return sum(float(getattr(s, field)) for s in self.routing) / max(len(self.routing), 1)
+
 
 def sinusoids(length: int, dim: int, device) -> torch.Tensor:
     pos = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
