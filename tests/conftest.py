@@ -17,3 +17,17 @@ def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus") / "demo"
     build_corpus(str(out), 60, seed=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, corpus):
+    """Two short runs on two ranks with ep_size 2 through the real launcher: omni (ZeRO 1), switch (ZeRO 2)."""
+    from tests.test_main import launch, tiny_config
+    base = tmp_path_factory.mktemp("trained")
+    runs = {}
+    for mode, stage in (("omni", 1), ("switch", 2)):
+        config = tiny_config(base, mode, run={"max_steps": 16}, zero_optimization={"stage": stage})
+        proc = launch(config, corpus, base / mode, 2)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[mode] = base / mode
+    return runs

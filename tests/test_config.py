@@ -54,6 +54,12 @@ def test_zero_stage_3_with_moe_is_refused_but_allowed_for_dense(tmp_path):
     load_config(write(tmp_path, {"zero_optimization": {"stage": 3}, "omni_router": {"moe": {"mode": "dense"}}}))
 
 
+def test_zero_stage_0_is_refused(tmp_path):
+    for cfg in ({"zero_optimization": {"stage": 0}}, {}):
+        with pytest.raises(ConfigError, match="zero_optimization.stage: 0 .or absent. is refused"):
+            load_config(write(tmp_path, cfg))
+
+
 def test_invalid_json_names_the_line(tmp_path):
     with pytest.raises(ConfigError, match=r"c.json: line 2 column"):
         load_config(write(tmp_path, '{"a": 1,\n "b": }'))

@@ -7,8 +7,14 @@ import time
 import numpy as np
 import psutil
 import soundfile as sf
+import torch
+import torch.distributed as dist
 
+from tests.common import VOCAB, batch, ds_dict, tiny_project
+from tests.distributed import run_ranks
 from tests.test_main import ROOT, command, launch, tiny_config
+from trainer.config import with_overrides
+from trainer.engine import Meter, Trainer, TrainingError, build_engine, build_model
 
 
 def metrics(out):
@@ -96,7 +102,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_p
                                                        str(corpus / "dev.jsonl")])
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert "non-finite loss on some rank, batch skipped on all (4 in a row" in proc.stdout
-    assert "4 non-finite losses in a row" in proc.stderr and "last good state" in proc.stderr
+    assert "4 non-finite losses or gradients in a row" in proc.stderr and "last good state" in proc.stderr
     assert (tmp_path / "run" / "checkpoints" / "step0" / "complete.json").exists()
 
 
@@ -107,6 +113,39 @@ def test_changing_the_number_of_ranks_needs_reset_optimizer(tmp_path, corpus):
     refused = launch(config, corpus, out, 1, ["--max_steps", "12"])
     assert refused.returncode == 1 and "written by 2 ranks with ep_size 2, this run has 1 with ep_size 1" in refused.stderr
     assert "--reset_optimizer" in refused.stderr
+    fresh = launch(config, corpus, out, 2, ["--max_steps", "12", "--resume", "never"])
+    assert fresh.returncode == 1 and "--resume never" in fresh.stderr and "already holds checkpoints" in fresh.stderr
     moved = launch(config, corpus, out, 1, ["--max_steps", "12", "--reset_optimizer"])
     assert moved.returncode == 0, moved.stderr[-3000:]
     assert "at step 8 (optimizer reset)" in moved.stdout
+
+
+def _poisoned_gradients(out_dir: str) -> dict:
+    """Two ranks, ZeRO 1, ep_size 2: rank 1's router gradient is made infinite on chosen steps."""
+    project = with_overrides(tiny_project("omni"), run={"max_bad_steps": 2, "output_dir": out_dir})
+    engine = build_engine(ds_dict(stage=1), project, build_model(project, VOCAB))
+    trainer = Trainer(engine, project, None, {}, None, out_dir)
+    router = engine.module.routers()[0].wg.weight
+    poison = [False]
+    if dist.get_rank() == 1:
+        router.register_hook(lambda g: g * float("inf") if poison[0] else g)
+    seen = []
+    for i, bad in enumerate([False, True, False, True, True, True]):
+        poison[0] = bad
+        before = router.detach().clone()
+        try:
+            trainer.train_step(batch(10 * i + dist.get_rank()), Meter(), False)
+        except TrainingError as e:
+            seen.append(("stopped", str(e)))
+            break
+        seen.append((engine.global_steps, trainer.bad_in_a_row, bool(torch.equal(before, router.detach()))))
+    return {"seen": seen, "router": router.detach().clone()}
+
+
+def test_non_finite_gradient_with_finite_loss_is_skipped_on_all_ranks(tmp_path):
+    results = run_ranks(_poisoned_gradients, 2, str(tmp_path / "run"))
+    for r in results:  # (global step, bad steps in a row, router unchanged by this step)
+        assert r["seen"][:5] == [(1, 0, False), (2, 1, True), (3, 0, False), (4, 1, True), (5, 2, True)]
+        assert r["seen"][5][0] == "stopped" and "3 non-finite losses or gradients in a row" in r["seen"][5][1]
+    assert torch.equal(results[0]["router"], results[1]["router"])
+    assert (tmp_path / "run" / "checkpoints" / "step6" / "complete.json").exists()

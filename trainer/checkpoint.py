@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 RECORD = "complete.json"
+TOKENIZER, CMVN = "tokenizer.model", "cmvn.json"  # beside the checkpoints in a run's folder, and copied into each
 
 
 def _rank0() -> bool:
@@ -30,6 +31,13 @@ def _atomic_write(path: Path, text: str):
 
 def _step(tag: str) -> int:
     return int(tag[len("step"):]) if tag.startswith("step") and tag[4:].isdigit() else -1
+
+
+def tags(ckpt_dir: Path) -> list[str]:
+    """Checkpoint folders (``stepN``), oldest first, whether complete or not."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and _step(p.name) >= 0), key=_step)
 
 
 def problem(ckpt_dir: Path, tag: str) -> str:
@@ -52,11 +60,8 @@ def problem(ckpt_dir: Path, tag: str) -> str:
 
 def newest_usable(ckpt_dir: Path) -> tuple[str, list[str]]:
     """The newest verified tag ('' if none) and the warnings about newer ones that were skipped."""
-    if not ckpt_dir.is_dir():
-        return "", []
-    tags = sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and _step(p.name) >= 0), key=_step, reverse=True)
     warnings = []
-    for tag in tags:
+    for tag in reversed(tags(ckpt_dir)):
         why = problem(ckpt_dir, tag)
         if not why:
             return tag, warnings
@@ -68,8 +73,17 @@ def _rng_file(ckpt_dir: Path, tag: str) -> Path:
     return ckpt_dir / tag / f"rng_rank{dist.get_rank()}.pt"
 
 
-def save(engine, ckpt_dir: Path, client_state: dict, keep_last: int, keep: set) -> str:
-    """Write a checkpoint on every rank, then publish it; keep the newest ``keep_last`` and those in ``keep``."""
+def publish(ckpt_dir: Path, tag: str):
+    """Record every file of a written checkpoint with its size, then point ``latest`` at it (atomically)."""
+    files = {str(p.relative_to(ckpt_dir / tag)): p.stat().st_size
+             for p in sorted((ckpt_dir / tag).rglob("*")) if p.is_file()}
+    _atomic_write(ckpt_dir / tag / RECORD, json.dumps({"files": files}))
+    _atomic_write(ckpt_dir / "latest", tag)
+
+
+def save(engine, ckpt_dir: Path, client_state: dict, keep_last: int, keep: set, extra_files: list) -> str:
+    """Write a checkpoint on every rank with copies of ``extra_files`` (tokenizer, statistics), then publish
+    it; keep the newest ``keep_last`` and those in ``keep``."""
     tag = f"step{engine.global_steps}"
     if _rank0() and (ckpt_dir / tag).exists():  # a leftover of a crashed save with this step
         shutil.rmtree(ckpt_dir / tag)
@@ -78,12 +92,11 @@ def save(engine, ckpt_dir: Path, client_state: dict, keep_last: int, keep: set) 
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, _rng_file(ckpt_dir, tag))
     dist.barrier()  # every rank's files are on disk
     if _rank0():
-        files = {str(p.relative_to(ckpt_dir / tag)): p.stat().st_size
-                 for p in sorted((ckpt_dir / tag).rglob("*")) if p.is_file()}
-        _atomic_write(ckpt_dir / tag / RECORD, json.dumps({"files": files}))
-        _atomic_write(ckpt_dir / "latest", tag)
-        tags = sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and _step(p.name) >= 0), key=_step)
-        for old in tags[:-keep_last] if keep_last > 0 else []:
+        for f in extra_files:
+            shutil.copyfile(f, ckpt_dir / tag / Path(f).name)
+        publish(ckpt_dir, tag)
+        saved = tags(ckpt_dir)
+        for old in saved[:-keep_last] if keep_last > 0 else []:
             if old not in keep and old != tag:
                 shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     dist.barrier()

@@ -142,6 +142,9 @@ def load_config(path: str) -> tuple[dict, ProjectConfig]:
     except ValidationError as e:
         raise ConfigError(_format(e, path)) from None
     stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage == 0:
+        raise ConfigError(f"{path}: zero_optimization.stage: 0 (or absent) is refused: only DeepSpeed's ZeRO "
+                          "optimizer (stage 1 or 2) detects a non-finite gradient and skips that step on every rank")
     if stage == 3 and project.moe.mode != "dense":
         raise ConfigError(f"{path}: zero_optimization.stage: 3 is refused with MoE (mode '{project.moe.mode}'): "
                           "DeepSpeed's native MoE layers work with ZeRO stage 0, 1 or 2 only")

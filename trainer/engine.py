@@ -129,7 +129,8 @@ class Trainer:
                   "world_size": dist.get_world_size(),
                   "ep_size": resolve_ep_size(self.project.moe, dist.get_world_size())}
         keep = {self.best["tag"]} if self.best["tag"] else set()
-        tag = checkpoint.save(self.engine, self.ckpt_dir, client, self.project.run.keep_last, keep)
+        extra = [f for f in (self.out_dir / checkpoint.TOKENIZER, self.out_dir / checkpoint.CMVN) if f.exists()]
+        tag = checkpoint.save(self.engine, self.ckpt_dir, client, self.project.run.keep_last, keep, extra)
         log0(f"saved checkpoint {self.ckpt_dir / tag}")
         return tag
 
@@ -147,7 +148,9 @@ class Trainer:
                            map_location="cpu")
         layout = (saved.get("world_size"), saved.get("ep_size"))
         now = (dist.get_world_size(), resolve_ep_size(self.project.moe, dist.get_world_size()))
-        if layout != now and not reset_optimizer:
+        if not saved.get("optimizer_state", True):  # re-sharded by tools/consolidate_checkpoint.py: weights only
+            reset_optimizer = True
+        elif layout != now and not reset_optimizer:
             raise TrainingError(f"{self.ckpt_dir / newest} was written by {layout[0]} ranks with ep_size {layout[1]}, "
                                 f"this run has {now[0]} with ep_size {now[1]}: the optimizer state cannot be "
                                 "re-partitioned; pass --reset_optimizer to continue from the weights (experts are "
@@ -180,23 +183,13 @@ class Trainer:
             for batch in loader(self.train_set, batches[self.state.position:], data.num_workers):
                 self.state.position += 1
                 skipped += batch["skipped"]
-                loss, ctc, aux, out = forward_loss(engine, batch)
-                bad, stopping = any_rank(not torch.isfinite(loss).item(), bool(stop.received))
-                boundary = engine.is_gradient_accumulation_boundary()  # DeepSpeed advances it in step()
-                if bad:
-                    self.skip_bad_step()
-                else:
-                    self.bad_in_a_row = 0
-                    engine.backward(loss)
-                    engine.step()
-                    meter.add(int(batch["lengths"].sum()), loss=loss.item(), ctc=ctc.item(), aux=aux.item(),
-                              lb=out.mean_over_layers("lb_loss"), z=out.mean_over_layers("z_loss"))
+                boundary, skipped_batch, stopping = self.train_step(batch, meter, bool(stop.received))
                 step = engine.global_steps
-                if stopping and (boundary or bad):
+                if stopping and (boundary or skipped_batch):
                     log0(f"stop requested ({stop.received or 'by another rank'}): saving at step {step}")
                     self.save()
                     return REQUEUE
-                if not boundary or bad:
+                if not boundary or skipped_batch:
                     continue
                 if step % run.log_every == 0 or step == run.max_steps:
                     self.log_train(meter, step, first_step, started)
@@ -216,15 +209,39 @@ class Trainer:
             (self.out_dir / "results.json").write_text(json.dumps({"train": self.history, "dev": result}, indent=1))
         return 0
 
-    def skip_bad_step(self):
-        """A non-finite loss on any rank: no rank applies this batch; too many in a row stop the run."""
+    def train_step(self, batch: dict, meter: Meter, stop_requested: bool) -> tuple[bool, bool, bool]:
+        """One micro-batch, agreed by all ranks: (gradient-accumulation boundary, batch skipped, stopping).
+
+        A non-finite loss on any rank skips the batch on every rank before backward. A non-finite gradient
+        with a finite loss is caught by DeepSpeed's ZeRO optimizer, which skips the step on every rank (the
+        global norm is reduced over expert and non-expert groups alike); it is counted here the same way."""
+        engine = self.engine
+        loss, ctc, aux, out = forward_loss(engine, batch)
+        bad_loss, stopping = any_rank(not torch.isfinite(loss).item(), stop_requested)
+        boundary = engine.is_gradient_accumulation_boundary()  # DeepSpeed advances it in step()
+        if bad_loss:
+            self.count_bad_step("loss")
+            return boundary, True, stopping
+        engine.backward(loss)
+        engine.step()
+        if boundary and not engine.was_step_applied():
+            self.count_bad_step("gradient")
+        else:
+            self.bad_in_a_row = 0
+            meter.add(int(batch["lengths"].sum()), loss=loss.item(), ctc=ctc.item(), aux=aux.item(),
+                      lb=out.mean_over_layers("lb_loss"), z=out.mean_over_layers("z_loss"))
+        return boundary, False, stopping
+
+    def count_bad_step(self, what: str):
+        """A skipped batch or step; more than run.max_bad_steps in a row stop the run with a checkpoint."""
         self.bad_in_a_row += 1
         self.skipped_steps += 1
-        log0(f"step {self.engine.global_steps}: non-finite loss on some rank, batch skipped on all "
+        log0(f"step {self.engine.global_steps}: non-finite {what} on some rank, "
+             f"{'batch' if what == 'loss' else 'update'} skipped on all "
              f"({self.bad_in_a_row} in a row, {self.skipped_steps} in all)")
         if self.bad_in_a_row > self.project.run.max_bad_steps:
             tag = self.save()
-            raise TrainingError(f"{self.bad_in_a_row} non-finite losses in a row (run.max_bad_steps="
+            raise TrainingError(f"{self.bad_in_a_row} non-finite losses or gradients in a row (run.max_bad_steps="
                                 f"{self.project.run.max_bad_steps}); the last good state is {self.ckpt_dir / tag}")
 
     def log_train(self, meter: Meter, step: int, first_step: int, started: float):

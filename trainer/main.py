@@ -16,6 +16,7 @@ import argparse  # noqa: E402
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from trainer import checkpoint  # noqa: E402
 from trainer.config import ConfigError, load_config, resolve_ep_size, with_overrides  # noqa: E402
 from trainer.corpus import build_corpus  # noqa: E402
 from trainer.data import SpeechDataset  # noqa: E402
@@ -37,12 +38,17 @@ def parse_args(argv=None):
                    help="stop at start-up on any unusable row instead of skipping it")
     p.add_argument("--eval_only", action="store_true",
                    help="evaluate the newest checkpoint in the output directory on the dev sets, and stop")
+    p.add_argument("--resume", choices=["auto", "never"], default="auto",
+                   help="auto: continue from the newest usable checkpoint in the output directory, if any; "
+                        "never: start afresh, and refuse an output directory that already holds checkpoints")
     p.add_argument("--reset_optimizer", action="store_true",
                    help="resume from the weights only (needed when the number of ranks changed)")
     deepspeed.add_config_arguments(p)
     args = p.parse_args(argv)
     if not args.deepspeed_config:
         p.error("--deepspeed_config is required (for example ds_configs/omni.json)")
+    if args.eval_only and args.resume == "never":
+        p.error("--eval_only evaluates a checkpoint: it cannot be combined with --resume never")
     return args
 
 
@@ -90,12 +96,12 @@ def prepare_data(project):
     for name, utts in [("train", train), *dev.items()]:
         if not utts:
             raise DataError(f"{name}: no usable utterance")
-    sp_path = out / "tokenizer.model"
+    sp_path = out / checkpoint.TOKENIZER
     if not sp_path.exists():
         on_rank0(lambda: Tokenizer.train([u.text for u in train], str(sp_path), data.vocab_size))
     tokenizer = Tokenizer(str(sp_path))
     if data.global_cmvn:  # the statistics travel with the model, beside its tokenizer
-        on_rank0(lambda: shutil.copyfile(data.global_cmvn, out / "cmvn.json"))
+        on_rank0(lambda: shutil.copyfile(data.global_cmvn, out / checkpoint.CMVN))
     n_mels = project.model.n_mels
     return (SpeechDataset(train, tokenizer, data, n_mels, train=True, seed=project.run.seed),
             {name: SpeechDataset(utts, tokenizer, data, n_mels, train=False) for name, utts in dev.items()},
@@ -129,7 +135,10 @@ def main(argv=None) -> int:
          f"{sum(len(d) for d in dev_sets.values())} dev utterances, vocabulary {tokenizer.vocab_size}")
     trainer = Trainer(engine, project, train_set, dev_sets, tokenizer, project.run.output_dir)
     try:
-        resumed = trainer.resume(args.reset_optimizer)
+        if args.resume == "never" and checkpoint.tags(trainer.ckpt_dir):
+            raise TrainingError(f"--resume never: {trainer.ckpt_dir} already holds checkpoints; choose another "
+                                "--output_dir (nothing there is overwritten)")
+        resumed = args.resume == "auto" and trainer.resume(args.reset_optimizer)
         if args.eval_only:
             if not resumed:
                 raise TrainingError(f"--eval_only: no usable checkpoint in {trainer.ckpt_dir}")

@@ -23,6 +23,27 @@ def nmi(joint: torch.Tensor) -> float:
     return 0.0 if hx + hy == 0 else max(0.0, 2 * mi / (hx + hy))
 
 
+def cramers_v(joint: torch.Tensor) -> float:
+    """Cramer's V of a contingency table, sqrt(chi2 / (n (min(r, c) - 1))) over its non-empty rows and
+    columns; 0 when either side is constant."""
+    t = joint.double()
+    t = t[t.sum(1) > 0][:, t.sum(0) > 0]
+    k = min(t.shape) - 1
+    n = t.sum().item()
+    if k < 1 or n == 0:
+        return 0.0
+    expected = t.sum(1, keepdim=True) * t.sum(0, keepdim=True) / n
+    chi2 = ((t - expected).square() / expected).sum().item()
+    return min(1.0, (chi2 / (n * k)) ** 0.5)
+
+
+def contingency(a: torch.Tensor, b: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E, E] counts of (expert in one layer, expert in another) over the frames both routed (choice >= 0)."""
+    real = (a >= 0) & (b >= 0)
+    idx = (a[real] * num_experts + b[real]).cpu()
+    return torch.bincount(idx, minlength=num_experts * num_experts).view(num_experts, num_experts).float()
+
+
 class RoutingMeter:
     """Sums over batches of each layer's RoutingStats."""
 
@@ -45,10 +66,7 @@ class RoutingMeter:
             acc["used"] += float(s.expert_counts.max()) / s.capacity
             acc["calls"] += 1
         for joint, a, b in zip(self.joint, routing, routing[1:]):
-            real = a.first_choice >= 0
-            E = joint.shape[0]
-            idx = (a.first_choice[real] * E + b.first_choice[real]).cpu()
-            joint += torch.bincount(idx, minlength=E * E).view(E, E).float()
+            joint += contingency(a.first_choice, b.first_choice, joint.shape[0])
 
     def all_reduce(self):
         """Sum every rank's accumulators (a collective: each rank must call it, with the same layer count)."""

@@ -1,0 +1,94 @@
+"""Transcription, evaluation, routing analysis and run plots on consolidated models of real two-rank runs."""
+import csv
+import json
+
+import pytest
+
+from tests.test_export import tool
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def models(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models")
+    for mode, run in trained.items():
+        proc = tool("tools/consolidate_checkpoint.py", str(run), "--out", str(out / mode))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return {mode: out / mode for mode in trained}
+
+
+def manifest_rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_transcribe_files_and_a_manifest(models, corpus, tmp_path):
+    rows = manifest_rows(corpus / "dev.jsonl")
+    files = [str(corpus / rows[i]["audio_filepath"]) for i in range(3)]
+    proc = tool("tools/transcribe.py", "--model", str(models["omni"]), *files, "--manifest", str(corpus / "dev.jsonl"),
+                "--out", str(tmp_path / "hyps.jsonl"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 3 + len(rows) and [ln.split("\t")[0] for ln in lines[:3]] == files
+    written = manifest_rows(tmp_path / "hyps.jsonl")
+    assert len(written) == len(lines) and written[3]["ref"] == rows[0]["text"]
+    assert all(isinstance(r["text"], str) for r in written)
+
+
+def test_evaluate_table_matches_the_trainers_own_dev_wer(models, trained, corpus, tmp_path):
+    proc = tool("tools/evaluate.py", "--model", f"omni={models['omni']}", "--model", f"switch={models['switch']}",
+                "--test", f"dev={corpus / 'dev.jsonl'}", "--test", str(corpus / "test.jsonl"),
+                "--out", str(tmp_path / "wer"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.reader(open(tmp_path / "wer.csv")))
+    assert rows[0] == ["model", "dev", "test", "average"] and [r[0] for r in rows[1:]] == ["omni", "switch"]
+    for r in rows[1:]:
+        assert abs(float(r[3]) - (float(r[1]) + float(r[2])) / 2) <= 0.006
+    for mode, r in zip(("omni", "switch"), rows[1:]):  # same features, same decoding as the trainer's evaluation
+        trainer_wer = json.loads((trained[mode] / "results.json").read_text())["dev"]["sets"]["dev"]["wer"]
+        assert float(r[1]) == pytest.approx(trainer_wer, abs=0.006)
+    assert (tmp_path / "wer.md").read_text().startswith("| model | dev | test | average |")
+
+
+@pytest.mark.parametrize("mode", ["omni", "switch"])
+def test_analyze_routing_writes_usage_dependency_and_an_utterance_map(models, corpus, tmp_path, mode):
+    out = tmp_path / "analysis"
+    proc = tool("tools/analyze_routing.py", "--model", str(models[mode]), "--manifest", str(corpus / "dev.jsonl"),
+                "--out", str(out), "--utterance", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "routing.json").read_text())
+    assert summary["mode"] == mode and len(summary["layers"]) == 2
+    for layer in summary["layers"]:
+        assert abs(sum(layer["usage"]) - 1) < 1e-6 and 0 <= layer["router_entropy"] <= 1.3863
+    for key in ("nmi", "cramers_v"):
+        m = summary[key]
+        assert all(0 <= v <= 1 + 1e-9 for row in m for v in row)
+        assert m[0][1] == pytest.approx(m[1][0])
+    duration = manifest_rows(corpus / "dev.jsonl")[2]["duration"]
+    choices = summary["utterance"]["choices"]
+    assert len(choices) == 2 and abs(len(choices[0]) - duration * 100 / 4) <= 1
+    for png in ("dependency.png", "utterance.png"):
+        assert (out / png).read_bytes()[:8] == PNG
+
+
+def test_plot_runs(trained, tmp_path):
+    proc = tool("tools/plot_runs.py", f"omni={trained['omni']}", str(trained["switch"]), "--out",
+                str(tmp_path / "curves.png"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "curves.png").read_bytes()[:8] == PNG and "omni (" in proc.stdout and "switch (" in proc.stdout
+
+
+def test_tools_name_wrong_paths_and_checkpoints_of_another_kind(trained, models, corpus, tmp_path):
+    ds = tool("tools/transcribe.py", "--model", str(trained["omni"]), "--manifest", str(corpus / "dev.jsonl"))
+    assert ds.returncode == 2 and "run tools/consolidate_checkpoint.py first" in ds.stderr
+    gone = tool("tools/evaluate.py", "--model", str(models["omni"]), "--test", str(tmp_path / "no.jsonl"), "--out",
+                str(tmp_path / "x"))
+    assert gone.returncode == 2 and str(tmp_path / "no.jsonl") in gone.stderr
+    (tmp_path / "noise.wav").write_text("not audio")
+    bad = tool("tools/transcribe.py", "--model", str(models["omni"]), str(tmp_path / "noise.wav"))
+    assert bad.returncode == 2 and f"{tmp_path / 'noise.wav'}: not a readable audio file" in bad.stderr
+    not_run = tool("tools/plot_runs.py", str(tmp_path), "--out", str(tmp_path / "c.png"))
+    assert not_run.returncode == 2 and f"{tmp_path}: no metrics.jsonl" in not_run.stderr
+    for script in ("consolidate_checkpoint", "transcribe", "evaluate", "analyze_routing", "plot_runs"):
+        helped = tool(f"tools/{script}.py", "--help")
+        assert helped.returncode == 0 and "usage:" in helped.stdout

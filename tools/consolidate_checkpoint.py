@@ -1,0 +1,44 @@
+"""A DeepSpeed MoE checkpoint -> one self-contained model folder, and optionally a re-sharded DeepSpeed checkpoint.
+
+    python tools/consolidate_checkpoint.py runs/omni --out models/omni
+    python tools/consolidate_checkpoint.py runs/omni/checkpoints/step1800 --ep_size 8 --to_deepspeed runs/omni-ep8
+
+The source is a run's output folder (its newest verified checkpoint), a ``checkpoints`` folder or one ``stepN``
+folder, written with any ep_size, ZeRO stage 1 or 2, fp32 or bf16. ``--out`` writes model.safetensors (fp32:
+non-expert weights, every expert by global id, the shared router once), config.json and the tokenizer, for
+tools/transcribe.py, tools/evaluate.py and tools/analyze_routing.py. ``--to_deepspeed`` writes a run folder the
+trainer continues from with ``--output_dir`` at the new ep_size (weights only: the optimizer starts afresh).
+DeepSpeed's zero_to_fp32 cannot do this for MoE: it does not read the per-expert files.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from trainer.export import CheckpointError, consolidate, to_deepspeed  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="run folder, checkpoints folder or stepN folder")
+    p.add_argument("--out", help="consolidated model folder to write")
+    p.add_argument("--to_deepspeed", help="run folder to write a DeepSpeed checkpoint into")
+    p.add_argument("--ep_size", type=int, default=1, help="expert-parallel size of --to_deepspeed")
+    args = p.parse_args(argv)
+    if not args.out and not args.to_deepspeed:
+        p.error("nothing to do: give --out, --to_deepspeed or both")
+    try:
+        if args.out:
+            print(f"consolidated model: {consolidate(args.checkpoint, args.out)}")
+        if args.to_deepspeed:
+            tag = to_deepspeed(args.checkpoint, args.ep_size, args.to_deepspeed)
+            print(f"DeepSpeed checkpoint for ep_size {args.ep_size}: {tag}")
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""WER of consolidated models on test sets, per set and the unweighted average: a Markdown and a CSV table.
+
+    python tools/evaluate.py --model dense=models/dense --model switch=models/switch --model omni=models/omni \\
+        --test clean=test_clean.jsonl --test other=test_other.jsonl --out results/wer
+
+One row per model, one column per test set, then the average, as in the paper's tables. Scored with jiwer
+on the trainer's own text normaliser; an utterance whose audio cannot be read is left out and counted.
+"""
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from trainer.decode import word_error_rate  # noqa: E402
+from trainer.export import CheckpointError  # noqa: E402
+from trainer.inference import Recognizer  # noqa: E402
+from trainer.sources import DataError, read_sources  # noqa: E402
+
+
+def named(value: str) -> tuple[str, str]:
+    """NAME=PATH, or PATH named after its file or folder."""
+    name, sep, path = value.partition("=")
+    return (name, path) if sep else (Path(value).stem, value)
+
+
+def score(recognizer: Recognizer, utts: list, max_frames: int) -> dict:
+    texts = recognizer.transcribe(utts, max_frames)
+    refs = [utts[i].text for i in sorted(texts)]
+    hyps = [texts[i] for i in sorted(texts)]
+    return {"wer": word_error_rate(refs, hyps) if refs else float("nan"), "utterances": len(texts),
+            "unreadable": len(utts) - len(texts)}
+
+
+def tables(results: dict, sets: list[str]) -> tuple[str, list[list]]:
+    """(Markdown, CSV rows) with WER in percent per set and the unweighted average."""
+    header = ["model", *sets, "average"]
+    rows = []
+    for model, per_set in results.items():
+        wers = [per_set[s]["wer"] for s in sets]
+        rows.append([model, *(f"{w:.2f}" for w in wers), f"{sum(wers) / len(wers):.2f}"])
+    md = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                   + ["| " + " | ".join(r) + " |" for r in rows])
+    return md + "\n", [header, *rows]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", required=True, type=named, help="[NAME=]consolidated folder")
+    p.add_argument("--test", action="append", required=True, type=named, help="[NAME=]manifest (repeatable)")
+    p.add_argument("--out", required=True, help="output prefix: writes PREFIX.md and PREFIX.csv")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max_frames", type=int, default=20000)
+    args = p.parse_args(argv)
+    try:
+        sets = {name: read_sources([path], [], float("inf"), strict=False)[0] for name, path in args.test}
+        recognizers = {name: Recognizer(path, args.device) for name, path in args.model}
+    except (CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = {m: {s: score(r, utts, args.max_frames) for s, utts in sets.items()} for m, r in recognizers.items()}
+    for m, per_set in results.items():
+        for s, r in per_set.items():
+            if r["unreadable"]:
+                print(f"{m} on {s}: {r['unreadable']} utterances unreadable, left out", file=sys.stderr)
+    md, rows = tables(results, list(sets))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(md)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    print(md, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

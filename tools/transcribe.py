@@ -1,0 +1,55 @@
+"""Transcribe audio files or a manifest with a consolidated model (no DeepSpeed engine), greedy CTC, batched.
+
+    python tools/transcribe.py --model models/omni a.flac b.wav
+    python tools/transcribe.py --model models/omni --manifest test.jsonl --out hyps.jsonl --device cuda
+
+Prints ``path<TAB>text`` per utterance; ``--out`` writes JSON lines (audio_filepath, text; the reference as
+``ref`` when the manifest has one).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from trainer.export import CheckpointError  # noqa: E402
+from trainer.inference import Recognizer, audio_utterances  # noqa: E402
+from trainer.sources import DataError, read_sources  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("audio", nargs="*", help="audio files (wav, flac, ogg)")
+    p.add_argument("--model", required=True, help="a folder written by tools/consolidate_checkpoint.py")
+    p.add_argument("--manifest", action="append", default=[], help="NeMo JSON-lines manifest (repeatable)")
+    p.add_argument("--out", help="JSON-lines output file")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--max_frames", type=int, default=20000, help="padded 10 ms frames per batch")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    args = p.parse_args(argv)
+    if not args.audio and not args.manifest:
+        p.error("give audio files or --manifest")
+    try:
+        recognizer = Recognizer(args.model, args.device)
+        utts = audio_utterances(args.audio)
+        if args.manifest:
+            utts += read_sources(args.manifest, [], float("inf"), strict=False)[0]
+    except (CheckpointError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    texts = recognizer.transcribe(utts, args.max_frames, args.workers)
+    rows = [{"audio_filepath": u.audio, "text": texts[i], **({"ref": u.text} if u.text else {})}
+            for i, u in enumerate(utts) if i in texts]
+    for row in rows:
+        print(f"{row['audio_filepath']}\t{row['text']}")
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    failed = len(utts) - len(rows)
+    if failed:
+        print(f"{failed} of {len(utts)} utterances could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
