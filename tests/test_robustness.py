@@ -111,7 +111,8 @@ def test_changing_the_number_of_ranks_needs_reset_optimizer(tmp_path, corpus):
     out = tmp_path / "run"
     assert launch(config, corpus, out, 2).returncode == 0
     refused = launch(config, corpus, out, 1, ["--max_steps", "12"])
-    assert refused.returncode == 1 and "written by 2 ranks with ep_size 2, this run has 1 with ep_size 1" in refused.stderr
+    assert refused.returncode == 1
+    assert "written by 2 ranks with ep_size 2, this run has 1 with ep_size 1" in refused.stderr
     assert "--reset_optimizer" in refused.stderr
     fresh = launch(config, corpus, out, 2, ["--max_steps", "12", "--resume", "never"])
     assert fresh.returncode == 1 and "--resume never" in fresh.stderr and "already holds checkpoints" in fresh.stderr

@@ -118,8 +118,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "routing.json").write_text(json.dumps(summary, indent=1))
     heatmaps(summary, title, out / "dependency.png")
-    utterance_map(choices, moe.num_experts, model.frame_stacking * 0.01, f"{title}: {Path(utts[args.utterance].audio).name}",
-                  out / "utterance.png")
+    name = Path(utts[args.utterance].audio).name
+    utterance_map(choices, moe.num_experts, model.frame_stacking * 0.01, f"{title}: {name}", out / "utterance.png")
     for i, layer in enumerate(summary["layers"]):
         print(f"MoE layer {i}: usage [{' '.join(f'{u:.2f}' for u in layer['usage'])}] router entropy "
               f"{layer['router_entropy']:.3f} usage entropy {layer['usage_entropy']:.3f}")

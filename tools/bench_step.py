@@ -92,7 +92,8 @@ def main():
             n = sum(p.numel() for p in engine.module.parameters())
             print(f"{mode:8} {n:>12,} {ms:9.1f} {spread:10.1f} {frames / ms * 1000:10,.0f}")
         if "omni" in times and "switch" in times:
-            print(f"omni/switch step-time ratio: {statistics.median(times['omni']) / statistics.median(times['switch']):.3f}")
+            ratio = statistics.median(times["omni"]) / statistics.median(times["switch"])
+            print(f"omni/switch step-time ratio: {ratio:.3f}")
 
 
 if __name__ == "__main__":

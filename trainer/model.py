@@ -80,7 +80,7 @@ class ModelOutput:
 
     def mean_over_layers(self, field: str) -> float:
         """An unweighted routing loss ('lb_loss' or 'z_loss') averaged over MoE layers, for logs."""
-        return sum(float(getattr(s, field)) for s in self.routing) / max(len(self.routing), 1)
+        return sum(float(getattr(s, field).detach()) for s in self.routing) / max(len(self.routing), 1)
 
 
 def sinusoids(length: int, dim: int, device) -> torch.Tensor:
