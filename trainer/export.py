@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from trainer import checkpoint
 from trainer.config import ProjectConfig
-from trainer.model import CTCModel
+from trainer.model import CTCModel, moe_blocks
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt")
@@ -60,7 +60,7 @@ def read_deepspeed(tag_dir: Path) -> tuple[dict, dict]:
         m = EXPERT_FILE.fullmatch(f.name)
         if m:
             found[(int(m[1]), int(m[2]))] = f
-    n_layers = len(moe_blocks(project))
+    n_layers = len(moe_blocks(project.model, project.moe))
     wanted = {(layer, e) for layer in range(n_layers) for e in range(project.moe.num_experts)}
     if set(found) != wanted:
         missing = sorted(wanted - set(found))
@@ -69,13 +69,6 @@ def read_deepspeed(tag_dir: Path) -> tuple[dict, dict]:
     for key in sorted(found):
         state.update({k: v.float() for k, v in torch.load(found[key], map_location="cpu").items()})
     return state, saved
-
-
-def moe_blocks(project: ProjectConfig) -> list[int]:
-    """Indices of the blocks whose feed-forward is an MoE layer (the model's own rule)."""
-    every = project.moe.moe_every
-    return [] if project.moe.mode == "dense" else \
-        [i for i in range(project.model.num_layers) if i % every == every - 1]
 
 
 def aliases(model: torch.nn.Module) -> dict:

@@ -29,6 +29,12 @@ def make_gate(d_model: int, moe: MoEConfig) -> RouterGate:
                       top2_2nd_expert_sampling=False)
 
 
+def moe_blocks(cfg: ModelConfig, moe: MoEConfig) -> list[int]:
+    """Indices of the blocks whose feed-forward is an MoE layer: every ``moe_every``-th, none for dense."""
+    every = moe.moe_every
+    return [] if moe.mode == "dense" else [i for i in range(cfg.num_layers) if i % every == every - 1]
+
+
 class MoEFeedForward(nn.Module):
     """DeepSpeed's MoE layer with our gate swapped in; returns the output and the gate's stats of this call."""
 
@@ -100,9 +106,9 @@ class CTCModel(nn.Module):
         self.input_proj = nn.Linear(cfg.n_mels * cfg.frame_stacking, cfg.d_model, bias=False)
         self.drop = nn.Dropout(cfg.dropout)
         shared = make_gate(cfg.d_model, moe) if moe.mode == "omni" else None
-        blocks = []
+        blocks, moe_at = [], set(moe_blocks(cfg, moe))
         for i in range(cfg.num_layers):
-            if moe.mode == "dense" or i % moe.moe_every != moe.moe_every - 1:
+            if i not in moe_at:
                 ffn = feed_forward(cfg.d_model, cfg.ffn_dim)
             else:
                 ffn = MoEFeedForward(cfg.d_model, cfg.ffn_dim, moe, ep_size,
