@@ -21,12 +21,14 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, corpus):
-    """Two short runs on two ranks with ep_size 2 through the real launcher: omni (ZeRO 1), switch (ZeRO 2)."""
+    """Two short runs on two ranks with ep_size 2 through the real launcher: omni (ZeRO 1, fp32) and switch
+    (ZeRO 2, bf16)."""
     from tests.test_main import launch, tiny_config
     base = tmp_path_factory.mktemp("trained")
     runs = {}
-    for mode, stage in (("omni", 1), ("switch", 2)):
-        config = tiny_config(base, mode, run={"max_steps": 16}, zero_optimization={"stage": stage})
+    for mode, stage, bf16 in (("omni", 1, False), ("switch", 2, True)):
+        config = tiny_config(base, mode, run={"max_steps": 16}, zero_optimization={"stage": stage},
+                             bf16={"enabled": bf16})
         proc = launch(config, corpus, base / mode, 2)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[mode] = base / mode

@@ -127,6 +127,7 @@ class CTCModel(nn.Module):
         """Stack ``frame_stacking`` frames into one step; frames past each length are zeroed first, so
         whatever a batch holds in its padding never reaches a real step."""
         B, T, F_ = feats.shape
+        feats = feats.to(self.input_proj.weight.dtype)  # fp32 features into a bf16 (or fp16) engine's weights
         feats = feats * (torch.arange(T, device=feats.device) < lengths.unsqueeze(1)).unsqueeze(-1).to(feats.dtype)
         pad = (-T) % self.stack
         feats = F.pad(feats, (0, 0, 0, pad))
@@ -137,7 +138,7 @@ class CTCModel(nn.Module):
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> ModelOutput:
         x, out_lengths, real = self.frontend(feats, lengths)
-        x = self.drop(x + sinusoids(x.shape[1], x.shape[2], x.device))
+        x = self.drop(x + sinusoids(x.shape[1], x.shape[2], x.device).to(x.dtype))
         routing = []
         for block in self.blocks:
             x, stats = block(x, real)
