@@ -13,6 +13,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Optional
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
@@ -28,7 +29,7 @@ from trainer.sources import DataError, read_sources  # noqa: E402
 from trainer.telemetry import contingency, cramers_v, nmi  # noqa: E402
 
 
-def collect(recognizer: Recognizer, utts: list, max_frames: int) -> tuple[list, dict, list]:
+def collect(recognizer: Recognizer, utts: list, max_frames: Optional[int]) -> tuple[list, dict, list]:
     """(per layer: top-1 choice of every real frame, per utterance: [layers, frames] choices, per layer:
     summed router entropy over frames)."""
     flat, per_utt, entropy = None, {}, None
@@ -67,7 +68,7 @@ def heatmaps(summary: dict, title: str, path: Path):
         for i, row in enumerate(m):
             for j, v in enumerate(row):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
-        ax.set(title=name, xlabel="MoE layer", ylabel="MoE layer")
+        ax.set(title=name, xlabel="MoE layer", ylabel="MoE layer", xticks=range(len(m)), yticks=range(len(m)))
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(f"{title}: dependency of top-1 expert choices ({summary['frames']} frames)")
     fig.tight_layout()
@@ -80,7 +81,7 @@ def utterance_map(choices: torch.Tensor, num_experts: int, step_s: float, title:
     cmap = plt.get_cmap("tab10" if num_experts <= 10 else "tab20", num_experts)
     im = ax.imshow(choices.numpy(), aspect="auto", interpolation="nearest", cmap=cmap, vmin=-0.5,
                    vmax=num_experts - 0.5, extent=(0, choices.shape[1] * step_s, choices.shape[0] - 0.5, -0.5))
-    ax.set(xlabel="time (s)", ylabel="MoE layer", title=title)
+    ax.set(xlabel="time (s)", ylabel="MoE layer", title=title, yticks=range(choices.shape[0]))
     fig.colorbar(im, ax=ax, ticks=range(num_experts), label="expert")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -94,7 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder for routing.json, dependency.png, utterance.png")
     p.add_argument("--utterance", type=int, default=0, help="index (in manifest order) of the mapped utterance")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--max_frames", type=int, default=20000)
+    p.add_argument("--max_frames", type=int, default=None,
+                   help="padded 10 ms frames per batch (default: the run's data.max_frames_per_batch)")
     args = p.parse_args(argv)
     try:
         recognizer = Recognizer(args.model, args.device)

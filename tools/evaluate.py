@@ -10,6 +10,7 @@ import argparse
 import csv
 import sys
 from pathlib import Path
+from typing import Optional
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
@@ -25,7 +26,7 @@ def named(value: str) -> tuple[str, str]:
     return (name, path) if sep else (Path(value).stem, value)
 
 
-def score(recognizer: Recognizer, utts: list, max_frames: int) -> dict:
+def score(recognizer: Recognizer, utts: list, max_frames: Optional[int]) -> dict:
     texts = recognizer.transcribe(utts, max_frames)
     refs = [utts[i].text for i in sorted(texts)]
     hyps = [texts[i] for i in sorted(texts)]
@@ -51,7 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--test", action="append", required=True, type=named, help="[NAME=]manifest (repeatable)")
     p.add_argument("--out", required=True, help="output prefix: writes PREFIX.md and PREFIX.csv")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--max_frames", type=int, default=20000)
+    p.add_argument("--max_frames", type=int, default=None,
+                   help="padded 10 ms frames per batch (default: the run's data.max_frames_per_batch)")
     args = p.parse_args(argv)
     try:
         sets = {name: read_sources([path], [], float("inf"), strict=False)[0] for name, path in args.test}

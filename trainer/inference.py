@@ -4,6 +4,7 @@ The features are made by the training pipeline itself (``SpeechDataset`` in eval
 CMVN statistics when it had them), so what is decoded here is what the trainer scored.
 """
 from pathlib import Path
+from typing import Optional
 
 import soundfile as sf
 import torch
@@ -43,17 +44,19 @@ class Recognizer:
         self.tokenizer = Tokenizer(str(folder / checkpoint.TOKENIZER))
 
     @torch.no_grad()
-    def outputs(self, utts: list[Utterance], max_frames: int, workers: int = 0):
+    def outputs(self, utts: list[Utterance], max_frames: Optional[int] = None, workers: int = 0):
         """(utterance indices, ModelOutput) per length-bucketed batch; unreadable audio is skipped and named
-        on stderr by the dataset."""
+        on stderr by the dataset. Batches default to the run's own size: with token dropping, expert capacity
+        (and so the output) depends on what shares a batch, and this way the trainer's dev WER is reproduced."""
         dataset = SpeechDataset(utts, self.tokenizer, self.project.data, self.project.model.n_mels, train=False)
+        max_frames = max_frames or self.project.data.max_frames_per_batch
         for batch in loader(dataset, length_batches(utts, max_frames), workers):
             if not batch["weight"].any():  # every file of this batch failed to decode
                 continue
             out = self.model(batch["feats"].to(self.device), batch["lengths"].to(self.device))
             yield batch["index"].tolist(), out
 
-    def transcribe(self, utts: list[Utterance], max_frames: int, workers: int = 0) -> dict:
+    def transcribe(self, utts: list[Utterance], max_frames: Optional[int] = None, workers: int = 0) -> dict:
         """{utterance index: text} for every utterance whose audio could be read."""
         texts = {}
         for index, out in self.outputs(utts, max_frames, workers):
