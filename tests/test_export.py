@@ -1,7 +1,5 @@
 """Checkpoint consolidation and re-sharding, on checkpoints written by two real ranks with ep_size 2."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,14 +8,11 @@ from safetensors.torch import load_file
 
 from tests.common import batch, ds_dict
 from tests.distributed import run_ranks
-from tests.test_main import ROOT, launch, tiny_config
+from tests.test_main import launch, run_tool as tool, tiny_config
+from trainer.checkpoint import MODEL_STATES
 from trainer.config import ProjectConfig
 from trainer.engine import build_engine, build_model
-from trainer.export import MODEL_STATES, load_consolidated
-
-
-def tool(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+from trainer.export import load_consolidated
 
 
 def probe() -> dict:

@@ -29,6 +29,11 @@ def command(config, corpus, out, ranks=1, extra=()) -> list:
             "--deepspeed_config", config, "--corpus_dir", str(corpus), "--output_dir", str(out), *extra]
 
 
+def run_tool(*args, timeout=600):
+    """A script of the repository (tools/...) under this interpreter, from the repository root."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
 def launch(config, corpus, out, ranks=1, extra=()):
     return subprocess.run(command(config, corpus, out, ranks, extra), cwd=ROOT, capture_output=True, text=True,
                           timeout=600)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.test_export import tool
+from tests.test_main import run_tool as tool
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

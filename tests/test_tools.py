@@ -1,17 +1,10 @@
 """The benchmarks run and print their figures (smoke runs at tiny sizes; the figures are not asserted)."""
-import subprocess
-import sys
-
-from tests.test_main import ROOT, tiny_config
-
-
-def run(args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+from tests.test_main import run_tool, tiny_config
 
 
 def test_bench_step_prints_a_row_per_mode_and_the_ratio(tmp_path):
-    proc = run(["tools/bench_step.py", "--config", tiny_config(tmp_path), "--frames", "400", "--utt_frames", "100",
-                "--rounds", "1", "--steps", "1"])
+    proc = run_tool("tools/bench_step.py", "--config", tiny_config(tmp_path), "--frames", "400", "--utt_frames", "100",
+                    "--rounds", "1", "--steps", "1", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for mode in ("dense", "switch", "omni"):
         assert any(line.startswith(mode) and "," in line for line in proc.stdout.splitlines()), proc.stdout
@@ -19,8 +12,8 @@ def test_bench_step_prints_a_row_per_mode_and_the_ratio(tmp_path):
 
 
 def test_bench_data_prints_throughput_and_profile(corpus):
-    proc = run(["tools/bench_data.py", "--manifest", str(corpus / "dev.jsonl"), "--workers", "0,2",
-                "--utterances", "20"])
+    proc = run_tool("tools/bench_data.py", "--manifest", str(corpus / "dev.jsonl"), "--workers", "0,2",
+                    "--utterances", "20", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x real time" in proc.stdout and "log-mel" in proc.stdout and "padding" in proc.stdout
     assert len([ln for ln in proc.stdout.splitlines() if ln.strip().startswith(("0 ", "2 "))]) == 2

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 RECORD = "complete.json"
+MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's file of non-expert weights and the client state
 TOKENIZER, CMVN = "tokenizer.model", "cmvn.json"  # beside the checkpoints in a run's folder, and copied into each
 
 
@@ -67,6 +68,14 @@ def newest_usable(ckpt_dir: Path) -> tuple[str, list[str]]:
             return tag, warnings
         warnings.append(why)
     return "", warnings
+
+
+def layout(ckpt_dir: Path, tag: str) -> dict:
+    """How a checkpoint was written: world_size, ep_size and whether it holds optimizer state. The file is
+    memory-mapped, so its weights are not read."""
+    saved = torch.load(ckpt_dir / tag / MODEL_STATES, map_location="cpu", weights_only=False, mmap=True)
+    return {"world_size": saved.get("world_size"), "ep_size": saved.get("ep_size"),
+            "optimizer_state": saved.get("optimizer_state", True)}
 
 
 def _rng_file(ckpt_dir: Path, tag: str) -> Path:

@@ -137,21 +137,19 @@ class Trainer:
     def resume(self, reset_optimizer: bool = False) -> bool:
         """Continue from the newest usable checkpoint, if any: weights, optimizer, scheduler, step, random
         states and data position. A different world size needs ``reset_optimizer`` (weights only)."""
-        box = [checkpoint.newest_usable(self.ckpt_dir) if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        newest, warnings = box[0]
+        box = [self._newest_with_layout() if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)  # one rank reads the disk; all decide alike
+        newest, warnings, written = box[0]
         for w in warnings:
             log0(f"WARNING: skipping a damaged checkpoint: {w}")
         if not newest:
             return False
-        saved = torch.load(self.ckpt_dir / newest / "mp_rank_00_model_states.pt", weights_only=False,
-                           map_location="cpu")
-        layout = (saved.get("world_size"), saved.get("ep_size"))
+        was = (written["world_size"], written["ep_size"])
         now = (dist.get_world_size(), resolve_ep_size(self.project.moe, dist.get_world_size()))
-        if not saved.get("optimizer_state", True):  # re-sharded by tools/consolidate_checkpoint.py: weights only
+        if not written["optimizer_state"]:  # re-sharded by tools/consolidate_checkpoint.py: weights only
             reset_optimizer = True
-        elif layout != now and not reset_optimizer:
-            raise TrainingError(f"{self.ckpt_dir / newest} was written by {layout[0]} ranks with ep_size {layout[1]}, "
+        elif was != now and not reset_optimizer:
+            raise TrainingError(f"{self.ckpt_dir / newest} was written by {was[0]} ranks with ep_size {was[1]}, "
                                 f"this run has {now[0]} with ep_size {now[1]}: the optimizer state cannot be "
                                 "re-partitioned; pass --reset_optimizer to continue from the weights (experts are "
                                 "stored by global id) with a fresh optimizer")
@@ -161,6 +159,10 @@ class Trainer:
         log0(f"resumed from {self.ckpt_dir / tag} at step {self.engine.global_steps}"
              + (" (optimizer reset)" if reset_optimizer else ""))
         return True
+
+    def _newest_with_layout(self) -> tuple[str, list, dict]:
+        tag, warnings = checkpoint.newest_usable(self.ckpt_dir)
+        return tag, warnings, checkpoint.layout(self.ckpt_dir, tag) if tag else {}
 
     # -- training ----------------------------------------------------------------------------------------
     def fit(self) -> int:

@@ -19,8 +19,7 @@ from trainer import checkpoint
 from trainer.config import ProjectConfig
 from trainer.model import CTCModel, moe_blocks
 
-MODEL_STATES = "mp_rank_00_model_states.pt"
-EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt")
+EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_" + re.escape(checkpoint.MODEL_STATES))
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 FORMAT = "omni-router-consolidated/1"
 
@@ -37,7 +36,7 @@ def find_checkpoint(path: str) -> Path:
         raise CheckpointError(f"{p}: no such file or directory")
     if (p / CONFIG).exists() and (p / WEIGHTS).exists():
         raise CheckpointError(f"{p}: a consolidated model, not a DeepSpeed checkpoint")
-    if (p / MODEL_STATES).exists():
+    if (p / checkpoint.MODEL_STATES).exists():
         return p
     for ckpt_dir in (p, p / "checkpoints"):
         if checkpoint.tags(ckpt_dir):
@@ -45,14 +44,14 @@ def find_checkpoint(path: str) -> Path:
             if not tag:
                 raise CheckpointError(f"{ckpt_dir}: no usable checkpoint:\n  " + "\n  ".join(warnings))
             return ckpt_dir / tag
-    raise CheckpointError(f"{p}: not a DeepSpeed checkpoint (no {MODEL_STATES}, no stepN folders)")
+    raise CheckpointError(f"{p}: not a DeepSpeed checkpoint (no {checkpoint.MODEL_STATES}, no stepN folders)")
 
 
 def read_deepspeed(tag_dir: Path) -> tuple[dict, dict]:
     """(every weight by its one-rank name in fp32, DeepSpeed's saved dict with the trainer's client state)."""
-    saved = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
+    saved = torch.load(tag_dir / checkpoint.MODEL_STATES, map_location="cpu", weights_only=False)
     if not isinstance(saved, dict) or "project_config" not in saved:
-        raise CheckpointError(f"{tag_dir / MODEL_STATES}: not written by this trainer (no project_config)")
+        raise CheckpointError(f"{tag_dir / checkpoint.MODEL_STATES}: not written by this trainer (no project_config)")
     state = {k: v.float() for k, v in saved["module"].items()}
     project = ProjectConfig.model_validate(saved["project_config"])
     found = {}
@@ -102,10 +101,10 @@ def consolidate(src: str, out_dir: str) -> Path:
     project = ProjectConfig.model_validate(saved["project_config"])
     vocab = saved["module"]["head.weight"].shape[0] - 1
     model = build(project, vocab, state, str(tag_dir))
-    for alias, name in aliases(model).items():  # one router for omni: every layer saved the same tensor
+    skip = aliases(model)
+    for alias, name in skip.items():  # one router for omni: every layer saved the same tensor
         if not torch.equal(state[alias], state[name]):
             raise CheckpointError(f"{tag_dir}: shared router copies differ ({alias} vs {name})")
-    skip = set(aliases(model))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if k not in skip}, str(out / WEIGHTS),
@@ -137,7 +136,7 @@ def load_consolidated(path: str) -> tuple[CTCModel, dict]:
     p = Path(path)
     if not (p / CONFIG).exists():
         hint = " (a DeepSpeed checkpoint: run tools/consolidate_checkpoint.py first)" \
-            if (p / MODEL_STATES).exists() or (p / "checkpoints").is_dir() or (p / "latest").exists() else ""
+            if (p / checkpoint.MODEL_STATES).exists() or (p / "checkpoints").is_dir() or (p / "latest").exists() else ""
         raise CheckpointError(f"{p}: not a consolidated model, no {CONFIG}{hint}")
     meta = json.loads((p / CONFIG).read_text())
     if meta.get("format") != FORMAT:
@@ -168,11 +167,11 @@ def to_deepspeed(src: str, ep_size: int, out_dir: str) -> Path:
     module = {k: v for k, v in state.items() if ".deepspeed_experts." not in k}
     for layer, block in enumerate(sorted(experts, key=lambda b: int(b.split(".")[1]))):
         for e, sd in experts[block].items():
-            torch.save(sd, ckpt_dir / tag / f"layer_{layer}_expert_{e}_{MODEL_STATES}")
+            torch.save(sd, ckpt_dir / tag / f"layer_{layer}_expert_{e}_{checkpoint.MODEL_STATES}")
     keep = {k: v for k, v in saved.items() if k not in ("optimizer", "lr_scheduler", "module")}
     torch.save({**keep, "module": module, "optimizer": None, "lr_scheduler": None, "project_config": project,
                 "ep_size": ep_size, "world_size": None, "optimizer_state": False},
-               ckpt_dir / tag / MODEL_STATES)
+               ckpt_dir / tag / checkpoint.MODEL_STATES)
     for name, path in run_files(tag_dir).items():
         shutil.copyfile(path, ckpt_dir / tag / name)
         shutil.copyfile(path, out / name)
