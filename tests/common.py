@@ -4,21 +4,25 @@ import zlib
 
 import torch
 
-from trainer.config import ModelConfig, MoEConfig, ProjectConfig
+from trainer.config import DataConfig, ModelConfig, MoEConfig, ProjectConfig
 
 VOCAB = 20
 
 
-def tiny_project(mode="omni", k=1, drop_tokens=False, layers=3, **moe) -> ProjectConfig:
+def tiny_project(mode="omni", k=1, drop_tokens=False, layers=3, accumulation=1, **moe) -> ProjectConfig:
+    """A tiny model; ``accumulation`` micro-batches per optimizer step on every rank, whatever the world."""
+    import trainer.distributed as distributed
+    frames = 1000 * accumulation * distributed.world()
     return ProjectConfig(model=ModelConfig(n_mels=8, frame_stacking=2, d_model=16, num_layers=layers, num_heads=2,
                                            ffn_dim=24, dropout=0.0),
                          moe=MoEConfig(mode=mode, num_experts=4, top_k=k, drop_tokens=drop_tokens, min_capacity=1,
-                                       lb_coef=0.01, z_coef=0.001, **moe))
+                                       lb_coef=0.01, z_coef=0.001, **moe),
+                         data=DataConfig(batch_frames=frames, max_frames_per_rank=1000))
 
 
-def ds_dict(stage=0, gas=1, lr=1e-3) -> dict:
-    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": gas,
-            "optimizer": {"type": "AdamW", "params": {"lr": lr, "torch_adam": True}},
+def ds_dict(stage=1, lr=1e-3) -> dict:
+    """DeepSpeed's keys of a test run; the batch keys are derived from the project (``data.batch_frames``)."""
+    return {"optimizer": {"type": "AdamW", "params": {"lr": lr, "torch_adam": True}},
             "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
 
 
@@ -46,3 +50,13 @@ def batch(seed: int, n_mels=8, lengths=(13, 10, 7)) -> dict:
     targets = torch.randint(1, VOCAB + 1, (len(lengths), int(tl.max())), generator=g)
     return {"feats": feats, "lengths": torch.tensor(lengths), "targets": targets, "target_lengths": tl,
             "weight": torch.ones(len(lengths))}
+
+
+def union(*batches: dict) -> dict:
+    """One batch holding the utterances of several, padded to the longest."""
+    T = max(b["feats"].shape[1] for b in batches)
+    L = max(b["targets"].shape[1] for b in batches)
+    pad = torch.nn.functional.pad
+    return {"feats": torch.cat([pad(b["feats"], (0, 0, 0, T - b["feats"].shape[1])) for b in batches]),
+            "targets": torch.cat([pad(b["targets"], (0, L - b["targets"].shape[1])) for b in batches]),
+            **{k: torch.cat([b[k] for b in batches]) for k in ("lengths", "target_lengths", "weight")}}

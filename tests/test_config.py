@@ -1,9 +1,10 @@
 """The run config: the shipped configs load, and bad keys are errors that name the file and the key."""
 import json
+from pathlib import Path
 
 import pytest
 
-from trainer.config import ConfigError, load_config, resolve_ep_size
+from trainer.config import ConfigError, batch_plan, load_config, resolve_ep_size
 
 CPU = ["ds_configs/omni.json", "ds_configs/switch.json", "ds_configs/dense.json"]
 PAPER = ["ds_configs/paper/omni_8x84m.json", "ds_configs/paper/switch_8x84m.json", "ds_configs/paper/dense_84m.json"]
@@ -70,3 +71,34 @@ def test_ep_size_auto_and_explicit():
     assert [resolve_ep_size(project.moe, w) for w in (1, 2, 3, 8)] == [1, 2, 1, 4]
     with pytest.raises(ConfigError, match="ep_size"):
         resolve_ep_size(project.moe.model_copy(update={"ep_size": 4}), 2)
+
+
+@pytest.mark.parametrize("key", ["train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"])
+def test_deepspeed_batch_keys_are_refused_for_the_one_batch_setting(tmp_path, key):
+    with pytest.raises(ConfigError, match=f"{key}: remove; the batch is one setting, omni_router.data.batch_frames"):
+        load_config(write(tmp_path, {key: 4, "zero_optimization": {"stage": 1}}))
+
+
+def test_the_global_batch_stays_fixed_when_the_number_of_ranks_changes():
+    _, project = load_config("ds_configs/paper/omni_8x84m.json")
+    plans = {w: batch_plan(project.data, w) for w in (8, 16, 32)}
+    assert {w: (p.accumulation, p.micro_frames) for w, p in plans.items()} == {8: (2, 64000), 16: (1, 64000),
+                                                                               32: (1, 32000)}
+    assert all(p.world * p.accumulation * p.micro_frames == 1024000 for p in plans.values())
+    assert plans[16].describe().startswith("batch 1,024,000 frames (2.8 h of padded audio) per step = 16 rank(s)")
+    with pytest.raises(ConfigError, match="under 1 s"):
+        batch_plan(project.data.model_copy(update={"batch_frames": 1000}), 16)
+
+
+def test_rsample_is_refused_for_top2(tmp_path):
+    path = write(tmp_path, {"zero_optimization": {"stage": 1},
+                            "omni_router": {"moe": {"top_k": 2, "noisy_gate_policy": "RSample"}}})
+    with pytest.raises(ConfigError, match="RSample samples the one choice of top-1; for top-2 use second_expert"):
+        load_config(path)
+
+
+def test_no_module_but_distributed_calls_torch_distributed():
+    """One place for collectives (one device rule, every rank enters every one): trainer/distributed.py."""
+    callers = [p.name for p in Path("trainer").glob("*.py")
+               if "torch.distributed" in p.read_text() and p.name != "distributed.py"]
+    assert callers == []

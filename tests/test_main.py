@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.distributed import free_port
 
@@ -16,7 +17,8 @@ def tiny_config(tmp_path, mode="omni", run=None, **ds_extra) -> str:
     cfg = json.loads((ROOT / "ds_configs" / f"{mode}.json").read_text())
     cfg.update(ds_extra)
     cfg["omni_router"]["model"].update(d_model=32, num_layers=2, num_heads=2, ffn_dim=64)
-    cfg["omni_router"]["data"].update(corpus_sentences=60, vocab_size=48, max_frames_per_batch=2500)
+    cfg["omni_router"]["data"].update(corpus_sentences=60, vocab_size=48, batch_frames=2500,
+                                      **cfg.pop("data", {}))
     cfg["omni_router"]["run"].update({"max_steps": 24, "log_every": 4, **(run or {})})
     cfg["scheduler"]["params"]["warmup_num_steps"] = 5
     path = tmp_path / f"{mode}-{len(list(tmp_path.glob('*.json')))}.json"
@@ -34,28 +36,37 @@ def run_tool(*args, timeout=600):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def launch(config, corpus, out, ranks=1, extra=()):
+def launch(config, corpus, out, ranks=1, extra=(), timeout=600):
     return subprocess.run(command(config, corpus, out, ranks, extra), cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=timeout)
 
 
 @pytest.mark.parametrize("mode,ranks,gas", [("omni", 1, 1), ("omni", 2, 1), ("switch", 2, 2), ("dense", 1, 1)])
 def test_main_job_trains_saves_and_scores(tmp_path, corpus, mode, ranks, gas):
     out = tmp_path / "run"
-    proc = launch(tiny_config(tmp_path, mode, gradient_accumulation_steps=gas), corpus, out, ranks)
+    # The global batch is 2500 frames whatever the ranks; a per-rank cap of 625 frames needs 2 micro-batches.
+    cap = {"max_frames_per_rank": 2500 // ranks // gas}
+    proc = launch(tiny_config(tmp_path, mode, data=cap), corpus, out, ranks)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    micro = 2500 // ranks // gas
+    assert f"per step = {ranks} rank(s) x {gas} micro-batch(es) x {micro:,} frames" in proc.stdout
     results = json.loads((out / "results.json").read_text())
     losses = [row["ctc"] for row in results["train"]]
     assert [row["step"] for row in results["train"]] == [4, 8, 12, 16, 20, 24]
     assert losses[-1] < losses[0]
     dev = results["dev"]["sets"]["dev"]
-    assert 0 <= dev["wer"] == results["dev"]["mean_wer"] and dev["utterances"] == 50
+    assert dev["wer"] == results["dev"]["mean_wer"] and dev["utterances"] == 50
+    assert dev["loss"] < losses[0]  # CTC per frame, the same unit as training's
     ckpt = out / "checkpoints" / "step24"
     assert (ckpt / "mp_rank_00_model_states.pt").exists()
     experts = sorted(p.name for p in ckpt.glob("layer_*_expert_*"))
     assert len(experts) == (0 if mode == "dense" else 2 * 4)  # 2 MoE layers x 4 experts, by global id
     ep = 1 if mode == "dense" else ranks
     assert f"{ranks} rank(s), ep_size {ep}" in proc.stdout
+    rng = [torch.load(ckpt / f"rng_rank{r}.pt", weights_only=True) for r in range(ranks)]
+    assert all({"torch", "accelerator", "python"} <= set(state) for state in rng)
+    if ranks == 2:  # each rank draws its own dropout masks
+        assert not torch.equal(rng[0]["torch"], rng[1]["torch"])
 
 
 def test_bad_config_fails_before_any_work(tmp_path, corpus):
@@ -71,7 +82,6 @@ def test_bad_config_fails_before_any_work(tmp_path, corpus):
 
 @pytest.mark.parametrize("mode", ["omni", "switch"])
 def test_resumed_run_on_two_ranks_equals_an_uninterrupted_one(tmp_path, corpus, mode):
-    import torch
     config = tiny_config(tmp_path, mode)
     whole = launch(config, corpus, tmp_path / "whole", 2)
     assert whole.returncode == 0, whole.stderr[-3000:]

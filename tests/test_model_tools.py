@@ -1,10 +1,11 @@
 """Transcription, evaluation, routing analysis and run plots on consolidated models of real two-rank runs."""
 import csv
 import json
+import shutil
 
 import pytest
 
-from tests.test_main import run_tool as tool
+from tests.test_main import launch, run_tool as tool
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -44,10 +45,32 @@ def test_evaluate_table_matches_the_trainers_own_dev_wer(models, trained, corpus
     assert rows[0] == ["model", "dev", "test", "average"] and [r[0] for r in rows[1:]] == ["omni", "switch"]
     for r in rows[1:]:
         assert abs(float(r[3]) - (float(r[1]) + float(r[2])) / 2) <= 0.006
-    # The fp32 run: same features, batches, precision and decoding as the trainer's own evaluation.
+    # The fp32 run: same features, precision and decoding as the trainer's own evaluation.
     trainer_wer = json.loads((trained["omni"] / "results.json").read_text())["dev"]["sets"]["dev"]["wer"]
     assert float(rows[1][1]) == pytest.approx(trainer_wer, abs=0.006)
     assert (tmp_path / "wer.md").read_text().startswith("| model | dev | test | average |")
+
+
+def test_evaluation_does_not_depend_on_batch_size_or_world_size(models, trained, corpus, tmp_path):
+    """Nothing is dropped at evaluation: the same WER with small and large batches, on 1 and 2 ranks."""
+    tables = []
+    for frames in (300, 20000):  # from a few utterances per batch to the whole dev set in one
+        proc = tool("tools/evaluate.py", "--model", f"omni={models['omni']}", "--test", f"dev={corpus / 'dev.jsonl'}",
+                    "--max_frames", str(frames), "--out", str(tmp_path / f"wer{frames}"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        tables.append(list(csv.reader(open(tmp_path / f"wer{frames}.csv"))))
+    assert tables[0] == tables[1]
+    two_ranks = json.loads((trained["omni"] / "results.json").read_text())["dev"]
+    run = tmp_path / "run"
+    shutil.copytree(trained["omni"], run)
+    config = next(trained["omni"].parent.glob("omni-*.json"))  # the config the fixture trained with
+    proc = launch(str(config), corpus, run, 1, ["--eval_only", "--reset_optimizer"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one_rank = json.loads((run / "eval_step16.json").read_text())
+    assert one_rank["sets"]["dev"]["wer"] == two_ranks["sets"]["dev"]["wer"]
+    assert one_rank["sets"]["dev"]["loss"] == pytest.approx(two_ranks["sets"]["dev"]["loss"], rel=1e-5)
+    loads = [[x for layer in r["routing"]["layers"] for x in layer["load"]] for r in (one_rank, two_ranks)]
+    assert loads[0] == pytest.approx(loads[1])
 
 
 @pytest.mark.parametrize("mode", ["omni", "switch"])

@@ -6,15 +6,19 @@ import time
 
 import numpy as np
 import psutil
+import pytest
 import soundfile as sf
 import torch
 import torch.distributed as dist
+
+from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
 from tests.common import VOCAB, batch, ds_dict, tiny_project
 from tests.distributed import run_ranks
 from tests.test_main import ROOT, command, launch, tiny_config
 from trainer.config import with_overrides
-from trainer.engine import Meter, Trainer, TrainingError, build_engine, build_model
+from trainer.engine import Trainer, TrainingError, build_engine, build_model
+from trainer.telemetry import TrainMeter
 
 
 def metrics(out):
@@ -23,7 +27,7 @@ def metrics(out):
 
 def test_periodic_evaluation_telemetry_retention_and_damaged_checkpoints(tmp_path, corpus):
     out = tmp_path / "run"
-    config = tiny_config(tmp_path, run={"eval_every": 8, "keep_last": 1},
+    config = tiny_config(tmp_path, run={"eval_every": 8, "keep_last": 2},
                          tensorboard={"enabled": True, "output_path": str(out / "tb"), "job_name": "tiny"})
     extra = ["--dev_manifest", str(corpus / "dev.jsonl"), "--dev_manifest", str(corpus / "test.jsonl")]
     proc = launch(config, corpus, out, 2, extra)
@@ -35,23 +39,25 @@ def test_periodic_evaluation_telemetry_retention_and_damaged_checkpoints(tmp_pat
         assert r["mean_wer"] == (r["sets"]["dev"]["wer"] + r["sets"]["test"]["wer"]) / 2
         layers = r["routing"]["layers"]
         assert len(layers) == 2 and len(r["routing"]["adjacent_nmi"]) == 1
-        assert all(abs(sum(layer["load"]) - 1) < 1e-6 and 0 <= layer["dropped"] <= 1 for layer in layers)
+        assert all(abs(sum(layer["load"]) - 1) < 1e-6 and layer["dropped"] == 0 for layer in layers)  # no drop
         assert 0 <= r["routing"]["adjacent_nmi"][0] <= 1
     assert "adjacent-layer NMI" in proc.stdout and "MoE layer 1: load [" in proc.stdout
     events = list((out / "tb").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+    train = [r for r in metrics(out) if r["kind"] == "train"]
+    assert all(len(r["dropped_per_layer"]) == 2 and 0 <= min(r["dropped_per_layer"]) for r in train)
     best = min(evals, key=lambda r: r["mean_wer"])["step"]
     kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
-    assert kept == sorted({"step24", f"step{best}"})  # the newest, and the best by dev WER
+    assert kept == sorted({"step16", "step24", f"step{best}"})  # the newest two, and the best by dev WER
     assert (out / "checkpoints" / "latest").read_text() == "step24"
 
-    if best != 24:  # damage the newest: the best one must be chosen instead, with a warning naming the file
-        victim = next((out / "checkpoints" / "step24").glob("layer_1_expert_3_*"))
-        victim.unlink()
-        again = launch(config, corpus, out, 2, extra + ["--eval_only"])
-        assert again.returncode == 0, again.stderr[-3000:]
-        assert f"skipping a damaged checkpoint: {victim}: missing" in again.stdout
-        assert f"resumed from {out / 'checkpoints' / f'step{best}'}" in again.stdout
+    # Damage the newest: the next newest is chosen instead, with a warning naming the file.
+    victim = next((out / "checkpoints" / "step24").glob("layer_1_expert_3_*"))
+    victim.unlink()
+    again = launch(config, corpus, out, 2, extra + ["--eval_only"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"skipping a damaged checkpoint: {victim}: missing" in again.stdout
+    assert f"resumed from {out / 'checkpoints' / 'step16'}" in again.stdout
     (out / "checkpoints" / "step24" / "complete.json").unlink(missing_ok=True)
     for tag in kept:
         (out / "checkpoints" / tag / "complete.json").unlink(missing_ok=True)
@@ -119,6 +125,31 @@ def test_changing_the_number_of_ranks_needs_reset_optimizer(tmp_path, corpus):
     moved = launch(config, corpus, out, 1, ["--max_steps", "12", "--reset_optimizer"])
     assert moved.returncode == 0, moved.stderr[-3000:]
     assert "at step 8 (optimizer reset)" in moved.stdout
+    # The schedule carries on from step 8 of a 12-step schedule instead of warming up again.
+    [row] = [r for r in metrics(out) if r["kind"] == "train" and r["step"] == 12]
+    assert row["lr"] == pytest.approx(scheduled_lr(config, total=12, step=12), rel=1e-9)
+
+
+def scheduled_lr(config: str, total: int, step: int) -> float:
+    """The learning rate after ``step`` steps of an uninterrupted run, from DeepSpeed's own scheduler."""
+    params = json.loads(open(config).read())["scheduler"]["params"]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=params["warmup_max_lr"])
+    sched = WarmupDecayLR(opt, total_num_steps=total, **params)
+    for _ in range(step):
+        sched.step()
+    return sched.get_lr()[0]
+
+
+def test_a_rank_with_no_dev_batch_still_enters_every_collective(tmp_path, corpus):
+    """Two ranks, a dev set of one batch: rank 1 holds only filler and must not skip the routing all-reduce."""
+    dev = tmp_path / "one.jsonl"
+    rows = (corpus / "dev.jsonl").read_text().splitlines()[:2]
+    dev.write_text("".join(json.dumps({**json.loads(r), "audio_filepath": str(corpus / json.loads(r)[
+        "audio_filepath"])}) + "\n" for r in rows))
+    proc = launch(tiny_config(tmp_path, run={"max_steps": 4}), corpus, tmp_path / "run", 2,
+                  ["--dev_manifest", str(dev)], timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dev one: loss" in proc.stdout and "(2 utterances)" in proc.stdout
 
 
 def _poisoned_gradients(out_dir: str) -> dict:
@@ -135,7 +166,7 @@ def _poisoned_gradients(out_dir: str) -> dict:
         poison[0] = bad
         before = router.detach().clone()
         try:
-            trainer.train_step(batch(10 * i + dist.get_rank()), Meter(), False)
+            trainer.train_step(batch(10 * i + dist.get_rank()), TrainMeter(3), False)
         except TrainingError as e:
             seen.append(("stopped", str(e)))
             break

@@ -40,9 +40,9 @@ def collect(recognizer: Recognizer, utts: list, max_frames: Optional[int]) -> tu
             flat, entropy = [[] for _ in out.routing], [0.0] * len(out.routing)
         steps = out.log_probs.shape[1]
         for layer, s in enumerate(out.routing):
-            choice = s.first_choice.view(-1, steps).cpu()
-            flat[layer].append(s.first_choice[s.first_choice >= 0].cpu())
-            entropy[layer] += float(s.entropy) * int((s.first_choice >= 0).sum())
+            choice = s.first_choice_S.view(-1, steps).cpu()
+            flat[layer].append(s.first_choice_S[s.first_choice_S >= 0].cpu())
+            entropy[layer] += float(s.entropy_sum)
             for b, (i, n) in enumerate(zip(index, out.lengths.tolist())):
                 per_utt.setdefault(i, []).append(choice[b, :n])
     return [torch.cat(x) for x in flat], per_utt, entropy
@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--utterance", type=int, default=0, help="index (in manifest order) of the mapped utterance")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max_frames", type=int, default=None,
-                   help="padded 10 ms frames per batch (default: the run's data.max_frames_per_batch)")
+                   help="padded 10 ms frames per batch (default: one rank's micro-batch of the run; "
+                        "no route is dropped, so it changes no result)")
     args = p.parse_args(argv)
     try:
         recognizer = Recognizer(args.model, args.device)

@@ -17,10 +17,10 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
+from trainer import distributed  # noqa: E402
 from trainer.config import load_config, with_overrides  # noqa: E402
-from trainer.engine import build_engine, build_model, forward_loss, init_distributed  # noqa: E402
+from trainer.engine import build_engine, build_model, step_loss  # noqa: E402
 
 
 def parse_args():
@@ -44,7 +44,7 @@ def single_process_env():
 
 def make_batch(args, n_mels, vocab):
     n = max(1, args.frames // args.utt_frames)
-    g = torch.Generator().manual_seed(dist.get_rank())
+    g = torch.Generator().manual_seed(distributed.rank())
     return {"feats": torch.randn(n, args.utt_frames, n_mels, generator=g),
             "lengths": torch.full((n,), args.utt_frames),
             "targets": torch.randint(1, vocab, (n, args.utt_frames // 20), generator=g),
@@ -54,39 +54,40 @@ def make_batch(args, n_mels, vocab):
 def main():
     args = parse_args()
     single_process_env()
-    init_distributed()
+    distributed.init()
     ds, base = load_config(args.config)
     if args.bf16:
         ds["bf16"] = {"enabled": True}
     ep = args.ep if args.ep == "auto" else int(args.ep)
     engines = {}
     for mode in args.modes.split(","):
-        project = with_overrides(base, moe={"mode": mode, "ep_size": ep})
+        project = with_overrides(base, moe={"mode": mode, "ep_size": ep},
+                                 data={"batch_frames": args.frames * distributed.world(), "max_frames_per_rank": 0})
         model = build_model(project, 256)
-        engines[mode] = build_engine(ds, project, model)
+        engines[mode] = (build_engine(ds, project, model), project)
     batch = make_batch(args, base.model.n_mels, 256)
     times = {m: [] for m in engines}
     order = list(engines)
     for r in range(args.rounds + 1):  # round 0 warms up
         for mode in order[r % len(order):] + order[:r % len(order)]:  # rotate: no mode always runs last
-            engine = engines[mode]
+            engine, project = engines[mode]
             engine.train()
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                loss, _, _, _ = forward_loss(engine, batch)
-                engine.backward(loss)
+                loss, _, _ = step_loss(engine, project, batch)
+                engine.backward(loss.total)
                 engine.step()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             if r:
                 times[mode].append((time.perf_counter() - t0) / args.steps)
-    if dist.get_rank() == 0:
-        world = dist.get_world_size()
+    if distributed.rank() == 0:
+        world = distributed.world()
         frames = batch["lengths"].sum().item() * world
-        print(f"{world} rank(s), {frames} input frames per step, device {engines[mode].device}, "
+        print(f"{world} rank(s), {frames} input frames per step, device {engines[mode][0].device}, "
               f"{args.rounds} rounds x {args.steps} steps")
         print(f"{'mode':8} {'params':>12} {'ms/step':>9} {'spread ms':>10} {'frames/s':>10}")
-        for mode, engine in engines.items():
+        for mode, (engine, _) in engines.items():
             ms = statistics.median(times[mode]) * 1000
             spread = (max(times[mode]) - min(times[mode])) * 1000
             n = sum(p.numel() for p in engine.module.parameters())

@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output prefix: writes PREFIX.md and PREFIX.csv")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max_frames", type=int, default=None,
-                   help="padded 10 ms frames per batch (default: the run's data.max_frames_per_batch)")
+                   help="padded 10 ms frames per batch (default: one rank's micro-batch of the run; "
+                        "no route is dropped, so it changes no result)")
     args = p.parse_args(argv)
     try:
         sets = {name: read_sources([path], [], float("inf"), strict=False)[0] for name, path in args.test}

@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="JSON-lines output file")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--max_frames", type=int, default=None,
-                   help="padded 10 ms frames per batch (default: the run's data.max_frames_per_batch)")
+                   help="padded 10 ms frames per batch (default: one rank's micro-batch of the run; "
+                        "no route is dropped, so it changes no result)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     args = p.parse_args(argv)
     if not args.audio and not args.manifest:

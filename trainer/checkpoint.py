@@ -12,8 +12,10 @@ import random
 import shutil
 from pathlib import Path
 
+import deepspeed
 import torch
-import torch.distributed as dist
+
+from trainer import distributed
 
 RECORD = "complete.json"
 MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's file of non-expert weights and the client state
@@ -21,7 +23,7 @@ TOKENIZER, CMVN = "tokenizer.model", "cmvn.json"  # beside the checkpoints in a 
 
 
 def _rank0() -> bool:
-    return dist.get_rank() == 0
+    return distributed.rank() == 0
 
 
 def _atomic_write(path: Path, text: str):
@@ -79,7 +81,7 @@ def layout(ckpt_dir: Path, tag: str) -> dict:
 
 
 def _rng_file(ckpt_dir: Path, tag: str) -> Path:
-    return ckpt_dir / tag / f"rng_rank{dist.get_rank()}.pt"
+    return ckpt_dir / tag / f"rng_rank{distributed.rank()}.pt"
 
 
 def publish(ckpt_dir: Path, tag: str):
@@ -96,10 +98,10 @@ def save(engine, ckpt_dir: Path, client_state: dict, keep_last: int, keep: set, 
     tag = f"step{engine.global_steps}"
     if _rank0() and (ckpt_dir / tag).exists():  # a leftover of a crashed save with this step
         shutil.rmtree(ckpt_dir / tag)
-    dist.barrier()
+    distributed.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client_state, "tag": tag}, save_latest=False)
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, _rng_file(ckpt_dir, tag))
-    dist.barrier()  # every rank's files are on disk
+    torch.save(_rng_states(), _rng_file(ckpt_dir, tag))
+    distributed.barrier()  # every rank's files are on disk
     if _rank0():
         for f in extra_files:
             shutil.copyfile(f, ckpt_dir / tag / Path(f).name)
@@ -108,17 +110,30 @@ def save(engine, ckpt_dir: Path, client_state: dict, keep_last: int, keep: set, 
         for old in saved[:-keep_last] if keep_last > 0 else []:
             if old not in keep and old != tag:
                 shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-    dist.barrier()
+    distributed.barrier()
     return tag
 
 
+def _rng_states() -> dict:
+    """This rank's random streams: CPU, accelerator (dropout on a GPU draws from it) and Python's."""
+    return {"torch": torch.get_rng_state(), "accelerator": deepspeed.get_accelerator().get_rng_state(),
+            "python": random.getstate()}
+
+
+def _restore_rng(state: dict):
+    torch.set_rng_state(state["torch"])
+    deepspeed.get_accelerator().set_rng_state(state["accelerator"])
+    random.setstate(state["python"])
+
+
 def load(engine, ckpt_dir: Path, tag: str, load_optimizer: bool = True) -> tuple[str, dict]:
-    """Load a verified checkpoint (the caller picks it with ``newest_usable`` on rank 0 and broadcasts it)."""
+    """Load a verified checkpoint (the caller picks it with ``newest_usable`` on rank 0 and broadcasts it).
+    Without the optimizer, the learning-rate schedule is set to the checkpoint's step rather than restarted."""
     _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=load_optimizer,
                                        load_lr_scheduler_states=load_optimizer)
+    if not load_optimizer and engine.lr_scheduler is not None and engine.global_steps > 0:
+        engine.lr_scheduler.step(engine.global_steps - 1)  # its position after that many steps
     rng = _rng_file(ckpt_dir, tag)
     if rng.exists():  # absent when the world size changed: then the random streams start afresh
-        state = torch.load(rng, weights_only=False)
-        torch.set_rng_state(state["torch"])
-        random.setstate(state["python"])
+        _restore_rng(torch.load(rng, weights_only=True))
     return tag, client

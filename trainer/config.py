@@ -5,6 +5,7 @@ process group exists, so a typo costs seconds, not a queued cluster job. Errors 
 """
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -43,11 +44,11 @@ class MoEConfig(_Strict):
     num_experts: int = 4
     moe_every: int = 1
     top_k: Literal[1, 2] = 1
-    capacity_factor: float = 1.25
-    eval_capacity_factor: float = 2.0
+    capacity_factor: float = 1.25  # training only: evaluation and inference never drop
     min_capacity: int = 4
     drop_tokens: bool = True
-    noisy_gate_policy: Optional[Literal["Jitter", "RSample"]] = None
+    noisy_gate_policy: Optional[Literal["Jitter", "RSample"]] = None  # RSample: sampled choice, top-1 only
+    second_expert_sampling: bool = False  # top-2: draw the second expert with Gumbel noise (GShard)
     lb_coef: float = 0.01
     z_coef: float = 0.001
     ep_size: Union[int, Literal["auto"]] = "auto"
@@ -61,6 +62,9 @@ class MoEConfig(_Strict):
                 raise ValueError(f"top_k ({self.top_k}) exceeds num_experts ({self.num_experts})")
             if isinstance(self.ep_size, int) and self.num_experts % self.ep_size:
                 raise ValueError(f"num_experts ({self.num_experts}) must be divisible by ep_size ({self.ep_size})")
+            if self.noisy_gate_policy == "RSample" and self.top_k == 2:
+                raise ValueError("noisy_gate_policy RSample samples the one choice of top-1; for top-2 use "
+                                 "second_expert_sampling (the first choice stays the argmax)")
         if self.moe_every < 1:
             raise ValueError("moe_every must be >= 1")
         return self
@@ -90,7 +94,8 @@ class DataConfig(_Strict):
     corpus_dir: str = "~/.cache/omni-router/demo-corpus"
     corpus_sentences: int = 3000
     vocab_size: int = 256
-    max_frames_per_batch: int = 12000
+    batch_frames: int = 12000  # THE batch: padded 10 ms input frames per optimizer step, all ranks together
+    max_frames_per_rank: int = 0  # most padded frames one rank takes at once; above it, accumulation
     max_duration: float = 20.0
     strict_data: bool = False
     num_workers: int = 0
@@ -118,6 +123,36 @@ class ProjectConfig(_Strict):
     run: RunConfig = RunConfig()
 
 
+DEEPSPEED_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How ``data.batch_frames`` is split over ranks and accumulation steps for a world size."""
+    batch_frames: int
+    world: int
+    accumulation: int
+    micro_frames: int  # padded frames per micro-batch per rank
+
+    def describe(self) -> str:
+        frames = self.micro_frames * self.world * self.accumulation
+        audio = f"{frames / 6000:.1f} min" if frames < 360000 else f"{frames / 360000:.1f} h"
+        return (f"batch {frames:,} frames ({audio} of padded audio) per step = {self.world} rank(s) x "
+                f"{self.accumulation} micro-batch(es) x {self.micro_frames:,} frames")
+
+
+def batch_plan(data: "DataConfig", world: int) -> BatchPlan:
+    """Accumulation derived so the global batch stays ``batch_frames`` whatever the number of ranks."""
+    per_rank = data.batch_frames // world
+    cap = data.max_frames_per_rank or per_rank
+    accumulation = -(-per_rank // cap)
+    micro = per_rank // accumulation
+    if micro < 100:
+        raise ConfigError(f"{SECTION}.data.batch_frames: {data.batch_frames} frames over {world} ranks x "
+                          f"{accumulation} accumulation steps leaves {micro} frames (under 1 s) per micro-batch")
+    return BatchPlan(data.batch_frames, world, accumulation, micro)
+
+
 def _format(err: ValidationError, path: str) -> str:
     lines = []
     for e in err.errors():
@@ -137,6 +172,11 @@ def load_config(path: str) -> tuple[dict, ProjectConfig]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a JSON object")
     ds = dict(raw)
+    fixed = [k for k in DEEPSPEED_BATCH_KEYS if k in ds]
+    if fixed:
+        raise ConfigError(f"{path}: {', '.join(fixed)}: remove; the batch is one setting, {SECTION}.data.batch_frames "
+                          "(padded frames per optimizer step over all ranks), and the trainer derives DeepSpeed's "
+                          "batch keys and gradient accumulation from it for each world size")
     try:
         project = ProjectConfig.model_validate(ds.pop(SECTION, {}))
     except ValidationError as e:

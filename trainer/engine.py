@@ -1,32 +1,22 @@
-"""DeepSpeed glue: process groups, the engine, the training loop, evaluation and checkpoints."""
+"""DeepSpeed glue: the engine, the training loop, evaluation and checkpoints."""
 import copy
 import json
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
-import deepspeed.ops
 import torch
-import torch.distributed as dist
 
-from trainer import checkpoint
-from trainer.config import ProjectConfig, resolve_ep_size
+from trainer import checkpoint, distributed, objective
+from trainer.config import ProjectConfig, batch_plan, resolve_ep_size
 from trainer.data import SamplerState, SpeechDataset, length_batches, loader, padding_fraction, shard, train_batches
 from trainer.decode import greedy_labels, word_error_rate
-from trainer.model import CTCModel, ctc_loss
-from trainer.telemetry import MetricsFile, RoutingMeter
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group the launcher describes (deepspeed, torchrun or srun env); return (rank, world)."""
-    # The shared-memory op serves only inference all-reduce; skipping it saves a minute of g++ per fresh node.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name())
-    return dist.get_rank(), dist.get_world_size()
-
+from trainer.distributed import log0
+from trainer.model import CTCModel, ModelOutput, moe_blocks
+from trainer.telemetry import MetricsFile, RoutingMeter, TrainMeter
 
 REQUEUE = 75  # exit status after a signal-requested stop and save: "temporary failure, run me again"
 
@@ -35,24 +25,29 @@ class TrainingError(RuntimeError):
     """The run cannot go on (for example, too many non-finite losses in a row); a checkpoint was saved."""
 
 
-def log0(*args):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, flush=True)
-
-
 def ds_config_for(ds_config: dict, project: ProjectConfig) -> dict:
-    """DeepSpeed's dict with what derives from the project section filled in (scheduler length)."""
+    """DeepSpeed's dict with what derives from the project section filled in: the scheduler's length, and the
+    batch keys from ``data.batch_frames`` (one "sample" is one micro-batch; accumulation keeps the global batch
+    fixed whatever the number of ranks)."""
     cfg = copy.deepcopy(ds_config)
     sched = cfg.get("scheduler", {}).get("params")
     if sched is not None and cfg["scheduler"].get("type") in ("WarmupDecayLR", "WarmupCosineLR"):
         sched.setdefault("total_num_steps", project.run.max_steps)
+    plan = batch_plan(project.data, distributed.world())
+    cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=plan.accumulation,
+               train_batch_size=plan.world * plan.accumulation)
     return cfg
 
 
 def build_model(project: ProjectConfig, vocab_size: int) -> CTCModel:
-    """The model with ep_size resolved against the world; the same seed gives the same weights on every rank."""
-    torch.manual_seed(project.run.seed)
-    return CTCModel(project.model, project.moe, vocab_size, resolve_ep_size(project.moe, dist.get_world_size()))
+    """The model with ep_size resolved against the world: the same weights on every rank and for every ep_size
+    (experts are initialised from their global id). Afterwards each rank draws its own random stream (dropout)."""
+    seed, world = project.run.seed, distributed.world()
+    ep_size = resolve_ep_size(project.moe, world)
+    torch.manual_seed(seed)
+    model = CTCModel(project.model, project.moe, vocab_size, ep_size, distributed.rank() % ep_size, seed)
+    torch.manual_seed(seed + 1000003 * (distributed.rank() + 1))  # CPU and accelerator streams, per rank
+    return model
 
 
 def build_engine(ds_config: dict, project: ProjectConfig, model: CTCModel):
@@ -62,30 +57,22 @@ def build_engine(ds_config: dict, project: ProjectConfig, model: CTCModel):
     return engine
 
 
-def forward_loss(engine, batch):
-    """(total loss, ctc loss, aux loss, model output) for one batch on the engine's device."""
+def forward(engine, batch: dict) -> tuple[ModelOutput, torch.Tensor, torch.Tensor]:
+    """(model output, [B] weighted CTC sums, real encoder frames) of one batch on the engine's device."""
     dev = engine.device
     out = engine(batch["feats"].to(dev), batch["lengths"].to(dev))
-    ctc = ctc_loss(out, batch["targets"].to(dev), batch["target_lengths"].to(dev), batch["weight"].to(dev))
-    return ctc + out.aux_loss, ctc, out.aux_loss, out
+    weight = batch["weight"].to(dev)
+    ctc = objective.ctc_sums(out, batch["targets"].to(dev), batch["target_lengths"].to(dev), weight)
+    return out, ctc, objective.real_frames(out, weight)
 
 
-@dataclass
-class Meter:
-    """Running sums between two log lines."""
-    sums: dict = field(default_factory=dict)
-    count: int = 0
-    frames: int = 0
-    start: float = field(default_factory=time.time)
-
-    def add(self, frames: int, **values):
-        self.count += 1
-        self.frames += frames
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-
-    def means(self) -> dict:
-        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+def step_loss(engine, project: ProjectConfig, batch: dict, stop_requested: bool = False):
+    """Forward one micro-batch and normalise its loss over all ranks: (Loss, output, StepTotals). One
+    all-reduce (frame and routing counts, non-finite and stop flags), entered by every rank."""
+    out, ctc, frames = forward(engine, batch)
+    ctc_sum = ctc.sum()
+    totals = objective.step_totals(out, frames, bool(torch.isfinite(ctc_sum)), stop_requested)
+    return objective.loss(ctc_sum, out, totals, project.moe, distributed.world()), out, totals
 
 
 class StopSignal:
@@ -101,13 +88,6 @@ class StopSignal:
         self.received = signal.Signals(signum).name
 
 
-def any_rank(*flags: bool) -> list[bool]:
-    """Each flag as set on any rank (one all-reduce of a few numbers)."""
-    t = torch.tensor([float(f) for f in flags], device=deepspeed.get_accelerator().current_device_name())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(x) for x in t.tolist()]
-
-
 class Trainer:
     """The training loop around one DeepSpeed engine: steps, logs, evaluations, checkpoints, stops."""
 
@@ -116,18 +96,19 @@ class Trainer:
         self.engine, self.project, self.train_set, self.dev_sets = engine, project, train_set, dev_sets
         self.tokenizer, self.out_dir = tokenizer, Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        self.metrics = MetricsFile(self.out_dir / "metrics.jsonl", dist.get_rank() == 0)
+        self.metrics = MetricsFile(self.out_dir / "metrics.jsonl", distributed.rank() == 0)
         self.state = SamplerState()
         self.best = {"wer": math.inf, "tag": ""}
         self.bad_in_a_row = self.skipped_steps = 0
         self.history = []
+        self.moe_layers = len(moe_blocks(project.model, project.moe))
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def save(self) -> str:
+        world = distributed.world()
         client = {"project_config": self.project.model_dump(), "step": self.engine.global_steps,
                   "sampler": {"epoch": self.state.epoch, "position": self.state.position}, "best": self.best,
-                  "world_size": dist.get_world_size(),
-                  "ep_size": resolve_ep_size(self.project.moe, dist.get_world_size())}
+                  "world_size": world, "ep_size": resolve_ep_size(self.project.moe, world)}
         keep = {self.best["tag"]} if self.best["tag"] else set()
         extra = [f for f in (self.out_dir / checkpoint.TOKENIZER, self.out_dir / checkpoint.CMVN) if f.exists()]
         tag = checkpoint.save(self.engine, self.ckpt_dir, client, self.project.run.keep_last, keep, extra)
@@ -136,16 +117,16 @@ class Trainer:
 
     def resume(self, reset_optimizer: bool = False) -> bool:
         """Continue from the newest usable checkpoint, if any: weights, optimizer, scheduler, step, random
-        states and data position. A different world size needs ``reset_optimizer`` (weights only)."""
-        box = [self._newest_with_layout() if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(box, src=0)  # one rank reads the disk; all decide alike
-        newest, warnings, written = box[0]
+        states and data position. A different world size needs ``reset_optimizer`` (weights only); the
+        learning-rate schedule then continues from the checkpoint's step."""
+        newest, warnings, written = distributed.broadcast_from_rank0(  # one rank reads the disk; all decide alike
+            self._newest_with_layout() if distributed.rank() == 0 else None)
         for w in warnings:
             log0(f"WARNING: skipping a damaged checkpoint: {w}")
         if not newest:
             return False
         was = (written["world_size"], written["ep_size"])
-        now = (dist.get_world_size(), resolve_ep_size(self.project.moe, dist.get_world_size()))
+        now = (distributed.world(), resolve_ep_size(self.project.moe, distributed.world()))
         if not written["optimizer_state"]:  # re-sharded by tools/consolidate_checkpoint.py: weights only
             reset_optimizer = True
         elif was != now and not reset_optimizer:
@@ -167,35 +148,35 @@ class Trainer:
     # -- training ----------------------------------------------------------------------------------------
     def fit(self) -> int:
         """Train to run.max_steps; 0 when done, REQUEUE when stopped by a signal (after saving)."""
-        engine, run, data = self.engine, self.project.run, self.project.data
-        rank, world = dist.get_rank(), dist.get_world_size()
+        engine, run = self.engine, self.project.run
+        rank, world = distributed.rank(), distributed.world()
+        plan = batch_plan(self.project.data, world)
         stop = StopSignal()
-        all_batches = length_batches(self.train_set.utts, data.max_frames_per_batch)
-        log0(f"{len(all_batches)} training batches per epoch over {world} rank(s), "
-             f"padding {100 * padding_fraction(self.train_set.utts, all_batches):.1f}% of frames")
-        meter, started, first_step = Meter(), time.time(), engine.global_steps
+        all_batches = length_batches(self.train_set.utts, plan.micro_frames)
+        log0(f"{plan.describe()}; {len(all_batches)} micro-batches per epoch, padding "
+             f"{100 * padding_fraction(self.train_set.utts, all_batches):.1f}% of frames")
+        meter, started, first_step = TrainMeter(self.moe_layers), time.time(), engine.global_steps
         while engine.global_steps < run.max_steps:
-            batches = train_batches(self.train_set.utts, data.max_frames_per_batch, run.seed, self.state.epoch,
-                                    rank, world)
+            batches = train_batches(self.train_set.utts, plan.micro_frames, run.seed, self.state.epoch, rank, world)
             if not batches:
-                raise TrainingError(f"{world} ranks and max_frames_per_batch={data.max_frames_per_batch} "
-                                    f"leave no training batch for every rank ({len(self.train_set)} utterances)")
+                raise TrainingError(f"{world} ranks and {plan.micro_frames} frames per micro-batch leave no "
+                                    f"training batch for every rank ({len(self.train_set)} utterances)")
             self.train_set.epoch, skipped = self.state.epoch, 0
             engine.train()
-            for batch in loader(self.train_set, batches[self.state.position:], data.num_workers):
+            for batch in loader(self.train_set, batches[self.state.position:], self.project.data.num_workers):
                 self.state.position += 1
                 skipped += batch["skipped"]
-                boundary, skipped_batch, stopping = self.train_step(batch, meter, bool(stop.received))
+                result = self.train_step(batch, meter, bool(stop.received))
                 step = engine.global_steps
-                if stopping and (boundary or skipped_batch):
+                if result.stopping and (result.boundary or result.skipped):
                     log0(f"stop requested ({stop.received or 'by another rank'}): saving at step {step}")
                     self.save()
                     return REQUEUE
-                if not boundary or skipped_batch:
+                if not result.boundary or result.skipped:
                     continue
                 if step % run.log_every == 0 or step == run.max_steps:
                     self.log_train(meter, step, first_step, started)
-                    meter = Meter()
+                    meter = TrainMeter(self.moe_layers)
                 if step >= run.max_steps:
                     break
                 if run.eval_every and step % run.eval_every == 0:
@@ -211,28 +192,26 @@ class Trainer:
             (self.out_dir / "results.json").write_text(json.dumps({"train": self.history, "dev": result}, indent=1))
         return 0
 
-    def train_step(self, batch: dict, meter: Meter, stop_requested: bool) -> tuple[bool, bool, bool]:
-        """One micro-batch, agreed by all ranks: (gradient-accumulation boundary, batch skipped, stopping).
+    def train_step(self, batch: dict, meter: TrainMeter, stop_requested: bool) -> "StepResult":
+        """One micro-batch, agreed by all ranks.
 
         A non-finite loss on any rank skips the batch on every rank before backward. A non-finite gradient
         with a finite loss is caught by DeepSpeed's ZeRO optimizer, which skips the step on every rank (the
         global norm is reduced over expert and non-expert groups alike); it is counted here the same way."""
         engine = self.engine
-        loss, ctc, aux, out = forward_loss(engine, batch)
-        bad_loss, stopping = any_rank(not torch.isfinite(loss).item(), stop_requested)
+        loss, out, totals = step_loss(engine, self.project, batch, stop_requested)
         boundary = engine.is_gradient_accumulation_boundary()  # DeepSpeed advances it in step()
-        if bad_loss:
+        if totals.bad_loss:
             self.count_bad_step("loss")
-            return boundary, True, stopping
-        engine.backward(loss)
+            return StepResult(boundary, True, totals.stop)
+        engine.backward(loss.total)
         engine.step()
         if boundary and not engine.was_step_applied():
             self.count_bad_step("gradient")
         else:
             self.bad_in_a_row = 0
-            meter.add(int(batch["lengths"].sum()), loss=loss.item(), ctc=ctc.item(), aux=aux.item(),
-                      lb=out.mean_over_layers("lb_loss"), z=out.mean_over_layers("z_loss"))
-        return boundary, False, stopping
+            meter.add(int(batch["lengths"].sum()), loss, out.routing)
+        return StepResult(boundary, False, totals.stop)
 
     def count_bad_step(self, what: str):
         """A skipped batch or step; more than run.max_bad_steps in a row stop the run with a checkpoint."""
@@ -246,23 +225,27 @@ class Trainer:
             raise TrainingError(f"{self.bad_in_a_row} non-finite losses or gradients in a row (run.max_bad_steps="
                                 f"{self.project.run.max_bad_steps}); the last good state is {self.ckpt_dir / tag}")
 
-    def log_train(self, meter: Meter, step: int, first_step: int, started: float):
-        elapsed = time.time() - meter.start
-        m = meter.means()
-        fps = meter.frames * dist.get_world_size() / max(elapsed, 1e-9)  # input frames (10 ms), all ranks
+    def log_train(self, meter: TrainMeter, step: int, first_step: int, started: float):
+        m = meter.reduce()  # a collective: every rank logs at the same step
+        fps = m.pop("input_frames") / max(m.pop("elapsed"), 1e-9)  # input frames (10 ms), all ranks
         eta = (time.time() - started) / max(step - first_step, 1) * (self.project.run.max_steps - step)
+        norm = self.engine.get_global_grad_norm()  # of the last step, before clipping
         row = {"kind": "train", "step": step, "epoch": self.state.epoch, **m, "lr": self.engine.get_lr()[0],
-               "frames_per_s": fps, "skipped_steps": self.skipped_steps}
-        log0(f"step {step}/{self.project.run.max_steps} ep {self.state.epoch} loss {m.get('loss', math.nan):.3f} "
-             f"ctc {m.get('ctc', math.nan):.3f} lb {m.get('lb', math.nan):.3f} z {m.get('z', math.nan):.3f} "
-             f"lr {row['lr']:.2e} {fps:,.0f} frames/s ETA {eta / 60:.1f} min")
+               "grad_norm": None if norm is None else float(norm), "frames_per_s": fps,
+               "skipped_steps": self.skipped_steps}
+        drops = " ".join(f"{100 * x:.1f}" for x in m["dropped_per_layer"])
+        log0(f"step {step}/{self.project.run.max_steps} ep {self.state.epoch} loss {m['loss']:.4f} "
+             f"ctc {m['ctc']:.4f} lb {m['lb']:.3f} z {m['z']:.3f} lr {row['lr']:.2e} |g| {row['grad_norm'] or 0:.2f} "
+             f"{fps:,.0f} frames/s "
+             + (f"dropped% [{drops}] " if drops else "") + f"ETA {eta / 60:.1f} min")
         self.history.append(row)
         self.metrics.write(row)
-        self.monitor(step, {f"train/{k}": v for k, v in row.items() if k not in ("kind", "step")})
+        self.monitor(step, {f"train/{k}": v for k, v in row.items()
+                            if k not in ("kind", "step", "dropped_per_layer") and v is not None})
 
     def monitor(self, step: int, values: dict):
         """DeepSpeed's monitor (TensorBoard, CSV, W&B as its config section enables) on rank 0."""
-        if self.engine.monitor.enabled and dist.get_rank() == 0:
+        if self.engine.monitor.enabled and distributed.rank() == 0:
             self.engine.monitor.write_events([(k, float(v), step) for k, v in values.items()])
 
     # -- evaluation --------------------------------------------------------------------------------------
@@ -276,15 +259,17 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Loss and greedy-CTC WER per dev set and their unweighted mean, with routing telemetry."""
-        data, routing = self.project.data, RoutingMeter()
-        sets = {name: evaluate(self.engine, ds, self.tokenizer, data.max_frames_per_batch, data.num_workers,
-                               routing) for name, ds in self.dev_sets.items()}
+        data = self.project.data
+        routing = RoutingMeter(self.moe_layers, self.project.moe.num_experts)
+        micro = batch_plan(data, distributed.world()).micro_frames
+        sets = {name: evaluate(self.engine, ds, self.tokenizer, micro, data.num_workers, routing)
+                for name, ds in self.dev_sets.items()}
         routing.all_reduce()
         result = {"kind": "eval", "step": self.engine.global_steps, "sets": sets,
                   "mean_wer": sum(r["wer"] for r in sets.values()) / len(sets),
                   "mean_loss": sum(r["loss"] for r in sets.values()) / len(sets), "routing": routing.summary()}
         for name, r in sets.items():
-            log0(f"dev {name}: loss {r['loss']:.3f}  WER {r['wer']:.2f}%  ({r['utterances']} utterances)")
+            log0(f"dev {name}: loss {r['loss']:.4f}  WER {r['wer']:.2f}%  ({r['utterances']} utterances)")
         log0(f"dev mean WER {result['mean_wer']:.2f}% over {len(sets)} set(s) at step {result['step']}")
         for i, layer in enumerate(result["routing"]["layers"]):
             load = " ".join(f"{x:.2f}" for x in layer["load"])
@@ -303,36 +288,46 @@ class Trainer:
         return result
 
 
+@dataclass
+class StepResult:
+    """What one micro-batch did, as every rank agrees."""
+    boundary: bool  # the last micro-batch of an optimizer step
+    skipped: bool  # not trained on (a non-finite loss on some rank)
+    stopping: bool  # a stop was requested on some rank
+
+
 def report_skipped(skipped: int, epoch: int):
     """All ranks' count of utterances whose audio failed to decode in this epoch (a collective call)."""
-    total = torch.tensor([skipped], device=deepspeed.get_accelerator().current_device_name())
-    dist.all_reduce(total)
-    if total.item():
-        log0(f"epoch {epoch}: skipped {total.item()} utterances whose audio could not be read")
+    total = int(distributed.sum_over_ranks({"skipped": torch.tensor([float(skipped)])})["skipped"][0])
+    if total:
+        log0(f"epoch {epoch}: skipped {total} utterances whose audio could not be read")
 
 
 @torch.no_grad()
 def evaluate(engine, dataset: SpeechDataset, tokenizer, max_frames: int, workers: int = 0,
              routing: RoutingMeter = None) -> dict:
-    """Dev loss and greedy-CTC WER over one set; ranks step in lockstep, filler batches discarded."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    """Dev loss (CTC per encoder frame) and greedy-CTC WER over one set; ranks step in lockstep through the
+    same number of batches (filler batches are computed for the all-to-all, then discarded). Nothing is dropped
+    at evaluation, so the result does not depend on batch-mates, batch size or world size."""
+    rank, world = distributed.rank(), distributed.world()
     engine.eval()
     mine = shard(length_batches(dataset.utts, max_frames), rank, world, fill=True)
-    rows, loss_sum = [], 0.0
+    rows, ctc_total, frames_total = [], 0.0, 0.0
     for (ids, filler), batch in zip(mine, loader(dataset, [ids for ids, _ in mine], workers)):
-        loss, _, _, out = forward_loss(engine, batch)
+        out, ctc, frames = forward(engine, batch)
         if filler or not batch["weight"].any():
             continue
-        if routing is not None and out.routing:
+        if routing is not None:
             routing.add(out.routing)
-        loss_sum += loss.item() * len(batch["index"])
+        ctc_total += float(ctc.sum())
+        frames_total += float(frames)
         hyps = [tokenizer.decode(h) for h in greedy_labels(out.log_probs, out.lengths)]
         rows += [(dataset.utts[i].text, h) for i, h in zip(batch["index"].tolist(), hyps)]
-    gathered = [None] * world
-    dist.all_gather_object(gathered, (rows, loss_sum))
-    rows = [r for part, _ in gathered for r in part]
+    gathered = distributed.gather_objects((rows, ctc_total, frames_total))
+    rows = [r for part, _, _ in gathered for r in part]
     if not rows:
         raise TrainingError("no dev utterance could be decoded")
     refs, hyps = zip(*rows)
-    return {"loss": sum(s for _, s in gathered) / len(rows), "wer": word_error_rate(list(refs), list(hyps)),
-            "utterances": len(rows), "examples": [{"ref": r, "hyp": h} for r, h in rows[:5]]}
+    return {"loss": sum(c for _, c, _ in gathered) / max(sum(f for _, _, f in gathered), 1.0),
+            "wer": word_error_rate(list(refs), list(hyps)), "utterances": len(rows),
+            "examples": [{"ref": r, "hyp": h} for r, h in rows[:5]]}

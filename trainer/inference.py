@@ -10,7 +10,7 @@ import soundfile as sf
 import torch
 
 from trainer import checkpoint
-from trainer.config import ProjectConfig, with_overrides
+from trainer.config import ProjectConfig, batch_plan, with_overrides
 from trainer.data import SpeechDataset, length_batches, loader
 from trainer.decode import greedy_labels
 from trainer.export import load_consolidated
@@ -46,10 +46,10 @@ class Recognizer:
     @torch.no_grad()
     def outputs(self, utts: list[Utterance], max_frames: Optional[int] = None, workers: int = 0):
         """(utterance indices, ModelOutput) per length-bucketed batch; unreadable audio is skipped and named
-        on stderr by the dataset. Batches default to the run's own size: with token dropping, expert capacity
-        (and so the output) depends on what shares a batch, and this way the trainer's dev WER is reproduced."""
+        on stderr by the dataset. Nothing is dropped at inference, so the output does not depend on the batch; its
+        size defaults to one rank's micro-batch of the run."""
         dataset = SpeechDataset(utts, self.tokenizer, self.project.data, self.project.model.n_mels, train=False)
-        max_frames = max_frames or self.project.data.max_frames_per_batch
+        max_frames = max_frames or batch_plan(self.project.data, 1).micro_frames
         for batch in loader(dataset, length_batches(utts, max_frames), workers):
             if not batch["weight"].any():  # every file of this batch failed to decode
                 continue

@@ -14,13 +14,13 @@ if __package__ in (None, ""):  # run as a file by a launcher: import the package
 import argparse  # noqa: E402
 
 import deepspeed  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
-from trainer import checkpoint  # noqa: E402
-from trainer.config import ConfigError, load_config, resolve_ep_size, with_overrides  # noqa: E402
+from trainer import checkpoint, distributed  # noqa: E402
+from trainer.config import ConfigError, batch_plan, load_config, resolve_ep_size, with_overrides  # noqa: E402
 from trainer.corpus import build_corpus  # noqa: E402
 from trainer.data import SpeechDataset  # noqa: E402
-from trainer.engine import Trainer, TrainingError, build_engine, build_model, init_distributed, log0  # noqa: E402
+from trainer.distributed import log0  # noqa: E402
+from trainer.engine import Trainer, TrainingError, build_engine, build_model  # noqa: E402
 from trainer.sources import DataError, read_sources  # noqa: E402
 from trainer.text import Tokenizer  # noqa: E402
 
@@ -63,15 +63,9 @@ def load_project(args):
 
 def on_rank0(fn):
     """fn on rank 0 while the others wait; its error is raised on every rank, so no rank hangs at a barrier."""
-    box = [None]
-    if dist.get_rank() == 0:
-        try:
-            fn()
-        except (OSError, ValueError, RuntimeError) as e:
-            box[0] = f"{type(e).__name__}: {e}"
-    dist.broadcast_object_list(box, src=0)
-    if box[0]:
-        raise DataError(box[0])
+    error = distributed.on_rank0(fn)
+    if error:
+        raise DataError(error)
 
 
 def prepare_data(project):
@@ -121,7 +115,12 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error:\n{e}", file=sys.stderr)
         return 2
-    _, world = init_distributed()
+    _, world = distributed.init()
+    try:
+        plan = batch_plan(project.data, world)
+    except ConfigError as e:
+        print(f"config error:\n{e}", file=sys.stderr)
+        return 2
     try:
         train_set, dev_sets, tokenizer = prepare_data(project)
     except DataError as e:
@@ -132,7 +131,8 @@ def main(argv=None) -> int:
     params = sum(p.numel() for p in model.parameters())
     log0(f"mode {project.moe.mode}: {params:,} parameters on rank 0, {len(model.routers())} router(s), "
          f"{world} rank(s), ep_size {resolve_ep_size(project.moe, world)}, {len(train_set)} train / "
-         f"{sum(len(d) for d in dev_sets.values())} dev utterances, vocabulary {tokenizer.vocab_size}")
+         f"{sum(len(d) for d in dev_sets.values())} dev utterances, vocabulary {tokenizer.vocab_size}; "
+         f"{plan.describe()}")
     trainer = Trainer(engine, project, train_set, dev_sets, tokenizer, project.run.output_dir)
     try:
         if args.resume == "never" and checkpoint.tags(trainer.ckpt_dir):
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
             if not resumed:
                 raise TrainingError(f"--eval_only: no usable checkpoint in {trainer.ckpt_dir}")
             result = trainer.evaluate()
-            if dist.get_rank() == 0:
+            if distributed.rank() == 0:
                 Path(project.run.output_dir, f"eval_step{result['step']}.json").write_text(json.dumps(result, indent=1))
             return 0
         return trainer.fit()

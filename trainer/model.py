@@ -4,6 +4,7 @@ log-mel [B, T, 80] -> stack 4 frames (40 ms) -> Linear -> + sinusoidal positions
 (self-attention, then FFN or MoE) -> LayerNorm -> Linear over the sentencepiece pieces plus blank (id 0).
 """
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -11,8 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 
+from trainer import distributed
 from trainer.config import ModelConfig, MoEConfig
-from trainer.routing import RouterGate
+from trainer.routing import RouteCall, RouterGate, RoutingStats
 
 BLANK = 0
 
@@ -24,9 +26,9 @@ def feed_forward(d_model: int, ffn_dim: int) -> nn.Sequential:
 
 def make_gate(d_model: int, moe: MoEConfig) -> RouterGate:
     return RouterGate(d_model, moe.num_experts, k=moe.top_k, capacity_factor=moe.capacity_factor,
-                      eval_capacity_factor=moe.eval_capacity_factor, min_capacity=moe.min_capacity,
+                      min_capacity=moe.min_capacity,
                       noisy_gate_policy=moe.noisy_gate_policy, drop_tokens=moe.drop_tokens, use_rts=False,
-                      top2_2nd_expert_sampling=False)
+                      top2_2nd_expert_sampling=moe.second_expert_sampling)
 
 
 def moe_blocks(cfg: ModelConfig, moe: MoEConfig) -> list[int]:
@@ -35,26 +37,50 @@ def moe_blocks(cfg: ModelConfig, moe: MoEConfig) -> list[int]:
     return [] if moe.mode == "dense" else [i for i in range(cfg.num_layers) if i % every == every - 1]
 
 
-class MoEFeedForward(nn.Module):
-    """DeepSpeed's MoE layer with our gate swapped in; returns the output and the gate's stats of this call."""
+class DenseFeedForward(nn.Sequential):
+    """The dense model's FFN (Linear-ReLU-Linear), with the MoE layer's interface: (x, real) -> (y, None)."""
 
-    def __init__(self, d_model: int, ffn_dim: int, moe: MoEConfig, ep_size: int, gate: RouterGate):
+    def __init__(self, d_model: int, ffn_dim: int):
+        super().__init__(*feed_forward(d_model, ffn_dim))
+
+    def forward(self, x: torch.Tensor, real: torch.Tensor, max_frames: int):
+        return super().forward(x), None
+
+
+class MoEFeedForward(nn.Module):
+    """DeepSpeed's MoE layer with our gate swapped in: (x, real) -> (y, RoutingStats of this call).
+
+    DeepSpeed deep-copies one expert module, so every expert would start equal; each local expert is
+    re-initialised from (seed, layer, global expert id) instead, so the experts differ from step 0 and the
+    model is the same whatever the ep_size (experts live on ranks ep_rank * n_local + j)."""
+
+    def __init__(self, d_model: int, ffn_dim: int, moe: MoEConfig, ep_size: int, ep_rank: int, gate: RouterGate,
+                 init_key: str):
         super().__init__()
         self.moe = MoE(d_model, feed_forward(d_model, ffn_dim), num_experts=moe.num_experts, ep_size=ep_size,
                        k=moe.top_k, use_rts=False, drop_tokens=moe.drop_tokens)
         self.moe.deepspeed_moe.gate = gate
+        local = self.moe.deepspeed_moe.experts.deepspeed_experts
+        for j, expert in enumerate(local):
+            seed = zlib.crc32(f"{init_key}:expert{ep_rank * len(local) + j}".encode())
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                for layer in expert:
+                    if isinstance(layer, nn.Linear):
+                        layer.reset_parameters()
 
     @property
     def gate(self) -> RouterGate:
         return self.moe.deepspeed_moe.gate
 
-    def forward(self, x: torch.Tensor, real: torch.Tensor):
-        y, _, _ = self.moe(x, real.reshape(-1).to(x.dtype))
-        return y, self.gate.stats
+    def forward(self, x: torch.Tensor, real: torch.Tensor, max_frames: int):
+        call = RouteCall(real.reshape(-1), max_frames)
+        y, _, _ = self.moe(x, call)
+        return y, call.stats
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm Transformer block; the FFN is dense or MoE."""
+    """Pre-LayerNorm Transformer block; the FFN is dense or MoE, with one interface."""
 
     def __init__(self, cfg: ModelConfig, ffn: nn.Module):
         super().__init__()
@@ -64,16 +90,11 @@ class Block(nn.Module):
         self.ffn = ffn
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, real: torch.Tensor):
+    def forward(self, x: torch.Tensor, real: torch.Tensor, max_frames: int):
         h = self.ln_attn(x)
         h, _ = self.attn(h, h, h, key_padding_mask=~real, need_weights=False)
         x = x + self.drop(h)
-        h = self.ln_ffn(x)
-        stats = None
-        if isinstance(self.ffn, MoEFeedForward):
-            h, stats = self.ffn(h, real)
-        else:
-            h = self.ffn(h)
+        h, stats = self.ffn(self.ln_ffn(x), real, max_frames)
         return x + self.drop(h), stats
 
 
@@ -81,12 +102,7 @@ class Block(nn.Module):
 class ModelOutput:
     log_probs: torch.Tensor  # [B, T', V+1]
     lengths: torch.Tensor  # [B] valid encoder frames
-    aux_loss: torch.Tensor  # weighted load-balancing + z-loss, mean over MoE layers (0 for dense)
-    routing: list  # RoutingStats of each MoE layer, in depth order
-
-    def mean_over_layers(self, field: str) -> float:
-        """An unweighted routing loss ('lb_loss' or 'z_loss') averaged over MoE layers, for logs."""
-        return sum(float(getattr(s, field).detach()) for s in self.routing) / max(len(self.routing), 1)
+    routing: list[RoutingStats]  # one per MoE layer, in depth order (empty for dense)
 
 
 def sinusoids(length: int, dim: int, device) -> torch.Tensor:
@@ -99,7 +115,8 @@ def sinusoids(length: int, dim: int, device) -> torch.Tensor:
 
 
 class CTCModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig, vocab_size: int, ep_size: int = 1):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, vocab_size: int, ep_size: int = 1, ep_rank: int = 0,
+                 seed: int = 0):
         super().__init__()
         self.cfg, self.moe_cfg = cfg, moe
         self.stack = cfg.frame_stacking
@@ -109,10 +126,10 @@ class CTCModel(nn.Module):
         blocks, moe_at = [], set(moe_blocks(cfg, moe))
         for i in range(cfg.num_layers):
             if i not in moe_at:
-                ffn = feed_forward(cfg.d_model, cfg.ffn_dim)
+                ffn = DenseFeedForward(cfg.d_model, cfg.ffn_dim)
             else:
-                ffn = MoEFeedForward(cfg.d_model, cfg.ffn_dim, moe, ep_size,
-                                     shared or make_gate(cfg.d_model, moe))
+                ffn = MoEFeedForward(cfg.d_model, cfg.ffn_dim, moe, ep_size, ep_rank,
+                                     shared or make_gate(cfg.d_model, moe), init_key=f"{seed}:block{i}")
             blocks.append(Block(cfg, ffn))
         self.blocks = nn.ModuleList(blocks)
         self.ln_out = nn.LayerNorm(cfg.d_model)
@@ -136,28 +153,23 @@ class CTCModel(nn.Module):
         real = torch.arange(x.shape[1], device=x.device).unsqueeze(0) < out_lengths.unsqueeze(1)
         return x, out_lengths, real
 
+    def max_frames(self, real: torch.Tensor) -> int:
+        """The largest real-frame count of one rank in the expert-parallel group, once per forward (the same for
+        every MoE layer): training capacity is sized from it. A host sync and, with experts on several ranks,
+        one all-reduce; none for dense."""
+        routers = self.routers()
+        if not routers or not self.training or not self.moe_cfg.drop_tokens:
+            return 0
+        return distributed.group_max(int(real.sum()), routers[0].ep_group)
+
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> ModelOutput:
         x, out_lengths, real = self.frontend(feats, lengths)
         x = self.drop(x + sinusoids(x.shape[1], x.shape[2], x.device).to(x.dtype))
+        max_frames = self.max_frames(real)
         routing = []
         for block in self.blocks:
-            x, stats = block(x, real)
+            x, stats = block(x, real, max_frames)
             if stats is not None:
                 routing.append(stats)
         logits = self.head(self.ln_out(x))
-        aux = x.new_zeros(())
-        if routing:
-            aux = sum(self.moe_cfg.lb_coef * s.lb_loss + self.moe_cfg.z_coef * s.z_loss for s in routing)
-            aux = aux / len(routing)
-        return ModelOutput(F.log_softmax(logits.float(), dim=-1), out_lengths, aux, routing)
-
-
-def ctc_loss(out: ModelOutput, targets: torch.Tensor, target_lengths: torch.Tensor, weight=None) -> torch.Tensor:
-    """CTC summed over each utterance, averaged over utterances: a per-batch normalisation that does not
-    depend on other ranks, so data-parallel averaging equals one large batch of equal-sized shards.
-    ``weight`` (per utterance) lets a stand-in batch take part in the step without carrying loss."""
-    losses = F.ctc_loss(out.log_probs.transpose(0, 1), targets, out.lengths, target_lengths,
-                        blank=BLANK, reduction="none", zero_infinity=True)
-    if weight is not None:
-        losses = losses * weight
-    return losses.sum() / targets.shape[0]
+        return ModelOutput(F.log_softmax(logits.float(), dim=-1), out_lengths, routing)

@@ -1,43 +1,67 @@
 """The router: a ``TopKGate`` subclass that switch uses once per MoE layer and omni shares across all of them.
 
 DeepSpeed's own gating functions route padded frames (top-2 has no ``used_token``), size capacity from the
-local token count (ranks with different frame counts then disagree on the all-to-all buffer), and have no
-router z-loss. This gate keeps DeepSpeed's linear ``wg``, its jitter and its sparse 7-tuple contract with
-``MOELayer``, and replaces the routing arithmetic so that:
+local token count (ranks with different frame counts then disagree on the all-to-all buffer), fill capacity
+in token order (with length-sorted speech batches the longest utterances lose their frames), sample the first
+expert under ``RSample`` and have no router z-loss. This gate keeps DeepSpeed's linear ``wg``, its jitter and
+its sparse 7-tuple contract with ``MOELayer``, and routes in named steps (shape suffixes: S frames, E experts,
+K choices, D model width):
 
-* padded frames are never routed, never counted in the losses and never take capacity (top-1 and top-2);
-* capacity is computed from the largest real-frame count in the expert-parallel group, so every rank
-  exchanges buffers of one shape;
-* logits are always fp32, and the load-balancing loss, the z-loss and the routing statistics of each call
-  are kept in ``self.stats`` for the layer that made the call (a shared gate is called once per layer).
+1. ``router_probs``: fp32 logits and softmax;
+2. ``choose_experts``: top-k; with ``sample_second`` the second choice is drawn with Gumbel noise (GShard,
+   DeepSpeed's ``top2_2nd_expert_sampling``) and the first stays the argmax; ``RSample`` (top-1 only) samples
+   the one choice, as DeepSpeed's ``top1gating`` does;
+3. ``assign_slots``: places in each expert's buffer, first choices before second choices, and within each
+   by router probability (highest first: batch-prioritised routing), padding never placed;
+4. ``capacity``: training drops what exceeds ``ceil(k * capacity_factor * frames / E)`` with ``frames`` the
+   largest real-frame count in the expert-parallel group (one value for the forward, so every rank exchanges
+   buffers of one shape); evaluation never drops (capacity = the group's busiest expert);
+5. ``gate_values``: the router probability of each kept choice (normalised over the two for top-2).
+
+The losses are not finished here: a call hands back the sums the objective needs (``RoutingStats``), and
+``trainer.objective`` normalises them over the global batch.
 """
 import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.moe.sharded_moe import TopKGate, gumbel_rsample, multiplicative_jitter
 
-from trainer.telemetry import entropy_of
+from trainer import distributed
 
 
 @dataclass
 class RoutingStats:
-    """What one gate call decided, for the losses and for telemetry."""
-    lb_loss: torch.Tensor  # Switch load-balancing loss E * sum_e f_e * P_e over real frames
-    z_loss: torch.Tensor  # mean over real frames of logsumexp(logits)^2
-    entropy: torch.Tensor  # mean over real frames of the router distribution's entropy
-    first_choice: torch.Tensor  # [S] int64 top-1 expert of every frame, -1 for padding
-    expert_counts: torch.Tensor  # [E] routes kept per expert after the capacity limit
-    dropped: torch.Tensor  # routes of real frames dropped by the capacity limit
-    routes: torch.Tensor  # routes of real frames requested (frames * k)
+    """What one gate call (one MoE layer) decided: sums for the losses and counts for telemetry."""
+    prob_sum_E: torch.Tensor  # sum over real frames of the router probabilities (carries gradient)
+    z_sum: torch.Tensor  # sum over real frames of logsumexp(logits)^2 (carries gradient)
+    choice_counts_E: torch.Tensor  # real frames whose first choice is each expert, before capacity (float)
+    kept_E: torch.Tensor  # routes kept per expert after the capacity limit
+    entropy_sum: torch.Tensor  # sum over real frames of the router distribution's entropy (nats)
+    first_choice_S: torch.Tensor  # int64 first choice of every frame, -1 for padding
+    frames: torch.Tensor  # real frames (float)
+    routes: torch.Tensor  # routes requested by real frames (frames * k)
+    dropped: torch.Tensor  # of those, dropped by the capacity limit
     capacity: int
+
+    def lb_loss(self) -> torch.Tensor:
+        """Switch load-balancing loss E * sum_e f_e * P_e over this call's frames alone (for telemetry)."""
+        n = self.frames.clamp(min=1.0)
+        return len(self.prob_sum_E) * (self.choice_counts_E / n * self.prob_sum_E.detach() / n).sum()
+
+
+@dataclass
+class RouteCall:
+    """The per-call input that rides in ``MOELayer``'s ``used_token`` slot, and the call's statistics back."""
+    real_S: torch.Tensor  # bool, False for padding
+    max_frames: int  # largest real-frame count of one rank in the expert-parallel group (training capacity)
+    stats: Optional[RoutingStats] = None
 
 
 class RouterGate(TopKGate):
-    """Top-1/top-2 gate with padding masks, group-wide capacity and z-loss; shareable across MoE layers."""
+    """Top-1/top-2 gate with padding masks, priority drops and group-wide capacity; shareable across layers."""
 
     def _set_ep_group(self, ep_group):
         # Every MoE layer that holds a shared gate hands it the group once; they must all agree.
@@ -48,70 +72,101 @@ class RouterGate(TopKGate):
                                "every MoE layer that shares it must use the same ep_size")
 
     def forward(self, input, used_token=None, sparse_routes=True, use_tutel=False):
-        if not sparse_routes or use_tutel:
-            raise NotImplementedError("RouterGate returns DeepSpeed 0.19's sparse routes only")
+        if not sparse_routes or use_tutel or not isinstance(used_token, RouteCall):
+            raise NotImplementedError("RouterGate is called by MoEFeedForward with a RouteCall, sparse routes only")
+        call = used_token
         x = input.float()
         if self.noisy_gate_policy == "Jitter" and self.training:
             x = multiplicative_jitter(x, device=x.device)
-        logits = F.linear(x, self.wg.weight.float())
-        real = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device) if used_token is None \
-            else used_token.reshape(-1).bool()
-        noisy = self.noisy_gate_policy == "RSample" and self.training
-        cf = self.capacity_factor if self.training else self.eval_capacity_factor
-        out, self.stats = route(logits, real, self.k, cf, self.min_capacity, self.drop_tokens, self.ep_group,
-                                noisy or (self.k == 2 and self.top2_2nd_expert_sampling and self.training))
+        logits_SE = F.linear(x, self.wg.weight.float())
+        sample = self.training and (self.noisy_gate_policy == "RSample" or
+                                    (self.k == 2 and self.top2_2nd_expert_sampling))
+        if self.training and self.drop_tokens:
+            capacity = train_capacity(call.max_frames, logits_SE.shape[1], self.k, self.capacity_factor,
+                                      self.min_capacity)
+        else:
+            capacity = None  # no drop: the busiest expert of the group sets it
+        out, call.stats = route(logits_SE, call.real_S, self.k, capacity, sample, self.ep_group)
         return out
 
 
-def _group_max(value: int, group, device) -> int:
-    """The largest value over the expert-parallel group (a tensor on the compute device: NCCL needs it)."""
-    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return int(t.item())
+def router_probs(logits_SE: torch.Tensor) -> torch.Tensor:
+    return F.softmax(logits_SE, dim=-1)
 
 
-def route(logits: torch.Tensor, real: torch.Tensor, k: int, capacity_factor: float, min_capacity: int,
-          drop_tokens: bool, ep_group: Optional[object], sample_noise: bool):
-    """Route S frames to E experts; return MOELayer's 7-tuple and the call's RoutingStats.
+def choose_experts(logits_SE: torch.Tensor, k: int, sample: bool) -> torch.Tensor:
+    """[K, S] expert ids. Sampling (Gumbel-max) draws the second choice for top-2 and the only one for top-1."""
+    if not sample:
+        return torch.topk(logits_SE, k, dim=-1).indices.t()
+    noisy_SE = logits_SE + gumbel_rsample(logits_SE.shape, device=logits_SE.device)
+    if k == 1:
+        return noisy_SE.argmax(-1).unsqueeze(0)
+    first_S = logits_SE.argmax(-1)
+    second_S = noisy_SE.scatter(1, first_S.unsqueeze(1), float("-inf")).argmax(-1)
+    return torch.stack([first_S, second_S])
 
-    Locations are assigned first choices before second choices, in frame order, as GShard does; a route
-    whose location reaches the capacity is dropped (its index becomes -1, so MOELayer gives it no slot).
-    """
-    S, E = logits.shape
-    real_f = real.float()
-    n_real = real_f.sum().clamp(min=1.0)
-    probs = F.softmax(logits, dim=-1)
-    choice_logits = logits + gumbel_rsample(logits.shape, device=logits.device) if sample_noise else logits
-    indices = torch.topk(choice_logits, k, dim=-1).indices.t()  # [k, S]
-    masks = F.one_hot(indices, E) * real.view(1, S, 1)  # [k, S, E]; padding rows are all zero
 
-    offsets = torch.cumsum(masks.sum(dim=1), dim=0) - masks.sum(dim=1)  # earlier choices come first
-    locations = torch.cumsum(masks, dim=1) - 1 + offsets.unsqueeze(1)  # [k, S, E]
-    if drop_tokens:
-        n_max = _group_max(int(real.sum().item()), ep_group, logits.device)
-        capacity = max(math.ceil(n_max / E * capacity_factor * k), min_capacity, 1)
-    else:
-        capacity = _group_max(int(masks.sum(dim=(0, 1)).max().item()), ep_group, logits.device)
-        capacity = max(capacity, 1)
-    kept = masks * (locations < capacity)
-    loc_s = (locations * kept).sum(-1)  # [k, S]
-    routed = kept.sum(-1).bool()  # [k, S]
+def gate_values(probs_SE: torch.Tensor, indices_KS: torch.Tensor) -> torch.Tensor:
+    """[K, S] router probability of each choice; for top-2 normalised over the two (GShard)."""
+    gates_KS = probs_SE.gather(1, indices_KS.t()).t()
+    if gates_KS.shape[0] > 1:
+        gates_KS = gates_KS / gates_KS.sum(0, keepdim=True).clamp(min=torch.finfo(gates_KS.dtype).eps)
+    return gates_KS
 
-    gates = (probs.unsqueeze(0) * F.one_hot(indices, E)).sum(-1)  # [k, S] router probability of each choice
-    if k > 1:
-        gates = gates / gates.sum(0, keepdim=True).clamp(min=torch.finfo(gates.dtype).eps)
-    out_indices = torch.where(routed, indices, torch.full_like(indices, -1)).to(torch.int32)
 
-    me = (probs * real_f.unsqueeze(1)).sum(0) / n_real
-    ce = masks[0].float().sum(0) / n_real
-    lb_loss = (me * ce).sum() * E
-    z_loss = (torch.logsumexp(logits, dim=-1).square() * real_f).sum() / n_real
-    expert_counts = kept.sum(dim=(0, 1)).detach()
-    stats = RoutingStats(lb_loss=lb_loss, z_loss=z_loss, entropy=entropy_of(probs, real).detach(),
-                         first_choice=torch.where(real, indices[0], torch.full_like(indices[0], -1)).detach(),
-                         expert_counts=expert_counts, dropped=(masks.sum() - kept.sum()).detach(),
-                         routes=masks.sum().detach(), capacity=capacity)
-    gate_out = (lb_loss, capacity, E, out_indices, loc_s.to(torch.int32), gates, expert_counts)
+def assign_slots(indices_KS: torch.Tensor, priority_KS: torch.Tensor, real_S: torch.Tensor,
+                 num_experts: int) -> torch.Tensor:
+    """[K, S] place of each route in its expert's buffer (-1 for padding): first choices before second choices,
+    and within each, highest priority first (ties in frame order), so a capacity limit drops the least
+    confident routes wherever they are in the batch."""
+    K, S = indices_KS.shape
+    # One sort key: the choice rank, then descending priority in [0, 1].
+    key = torch.arange(K, device=indices_KS.device).unsqueeze(1) * 2.0 + (1.0 - priority_KS.detach().float())
+    key = torch.where(real_S.unsqueeze(0), key, torch.full_like(key, 2.0 * K + 1.0))
+    order = torch.argsort(key.reshape(-1), stable=True)
+    experts = indices_KS.reshape(-1)[order]
+    placed = F.one_hot(experts, num_experts) * real_S.repeat(K)[order].unsqueeze(1)
+    slot_sorted = ((placed.cumsum(0) - 1) * placed).sum(1) - (1 - placed.sum(1))  # -1 where not placed
+    slots = torch.empty_like(slot_sorted)
+    slots[order] = slot_sorted
+    return slots.view(K, S)
+
+
+def train_capacity(max_frames: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
+    """Slots per expert when dropping: k * capacity_factor * frames / E (DeepSpeed's formula, group frames)."""
+    return max(math.ceil(max_frames / num_experts * capacity_factor * k), min_capacity, 1)
+
+
+def route(logits_SE: torch.Tensor, real_S: torch.Tensor, k: int, capacity: Optional[int], sample: bool,
+          ep_group=None):
+    """Route S frames to E experts; return ``MOELayer``'s 7-tuple and the call's ``RoutingStats``.
+
+    ``capacity`` None means no drop: the busiest expert over the expert-parallel group sets it (a collective)."""
+    S, E = logits_SE.shape
+    probs_SE = router_probs(logits_SE)
+    indices_KS = choose_experts(logits_SE, k, sample)
+    gates_KS = gate_values(probs_SE, indices_KS)
+    slots_KS = assign_slots(indices_KS, probs_SE.gather(1, indices_KS.t()).t(), real_S, E)
+    placed_KS = slots_KS >= 0
+    if capacity is None:
+        busiest = F.one_hot(indices_KS[placed_KS], E).sum(0).max() if placed_KS.any() else slots_KS.new_zeros(())
+        capacity = max(distributed.group_max(int(busiest), ep_group), 1)
+    kept_KS = placed_KS & (slots_KS < capacity)
+    out_indices_KS = torch.where(kept_KS, indices_KS, torch.full_like(indices_KS, -1)).to(torch.int32)
+    out_slots_KS = torch.where(kept_KS, slots_KS, torch.zeros_like(slots_KS)).to(torch.int32)
+    kept_E = F.one_hot(indices_KS, E).mul(kept_KS.unsqueeze(-1)).sum((0, 1)).detach()
+
+    real_f = real_S.float()
+    choice_counts_E = (F.one_hot(indices_KS[0], E).float() * real_f.unsqueeze(1)).sum(0)
+    log_probs_SE = torch.log_softmax(logits_SE, dim=-1)
+    stats = RoutingStats(
+        prob_sum_E=(probs_SE * real_f.unsqueeze(1)).sum(0),
+        z_sum=(torch.logsumexp(logits_SE, dim=-1).square() * real_f).sum(),
+        choice_counts_E=choice_counts_E.detach(),
+        kept_E=kept_E,
+        entropy_sum=(-(probs_SE * log_probs_SE).sum(-1) * real_f).sum().detach(),
+        first_choice_S=torch.where(real_S, indices_KS[0], torch.full_like(indices_KS[0], -1)).detach(),
+        frames=real_f.sum().detach(), routes=placed_KS.sum().detach(),
+        dropped=(placed_KS & ~kept_KS).sum().detach(), capacity=capacity)
+    gate_out = (stats.lb_loss(), capacity, E, out_indices_KS, out_slots_KS, gates_KS, kept_E)
     return gate_out, stats

@@ -6,10 +6,12 @@ which is permutation-invariant (relabelling one layer's experts leaves it unchan
 layers that Omni-Router's shared router is meant to raise.
 """
 import json
+import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from trainer import distributed
 
 
 def nmi(joint: torch.Tensor) -> float:
@@ -45,55 +47,66 @@ def contingency(a: torch.Tensor, b: torch.Tensor, num_experts: int) -> torch.Ten
 
 
 class RoutingMeter:
-    """Sums over batches of each layer's RoutingStats."""
+    """Sums over batches of each MoE layer's RoutingStats, laid out from the model (not from what a rank saw),
+    so every rank all-reduces the same tensors even when its share of a dev set is empty."""
 
-    def __init__(self):
-        self.layers = []
+    def __init__(self, num_layers: int, num_experts: int):
+        L, E = num_layers, num_experts
+        self.sums = {"kept": torch.zeros(L, E), "routes": torch.zeros(L), "dropped": torch.zeros(L),
+                     "entropy": torch.zeros(L), "frames": torch.zeros(L), "used": torch.zeros(L),
+                     "calls": torch.zeros(L), "joint": torch.zeros(max(L - 1, 0), E, E)}
 
     def add(self, routing: list):
-        if not self.layers:
-            E = len(routing[0].expert_counts)
-            self.layers = [{"counts": torch.zeros(E), "routes": 0.0, "dropped": 0.0, "entropy": 0.0, "frames": 0.0,
-                            "used": 0.0, "calls": 0} for _ in routing]
-            self.joint = [torch.zeros(E, E) for _ in routing[1:]]
-        for acc, s in zip(self.layers, routing):
-            frames = float((s.first_choice >= 0).sum())
-            acc["counts"] += s.expert_counts.float().cpu()
-            acc["routes"] += float(s.routes)
-            acc["dropped"] += float(s.dropped)
-            acc["entropy"] += float(s.entropy) * frames
-            acc["frames"] += frames
-            acc["used"] += float(s.expert_counts.max()) / s.capacity
-            acc["calls"] += 1
-        for joint, a, b in zip(self.joint, routing, routing[1:]):
-            joint += contingency(a.first_choice, b.first_choice, joint.shape[0])
+        s = self.sums
+        for i, r in enumerate(routing):
+            s["kept"][i] += r.kept_E.float().cpu()
+            s["routes"][i] += float(r.routes)
+            s["dropped"][i] += float(r.dropped)
+            s["entropy"][i] += float(r.entropy_sum)
+            s["frames"][i] += float(r.frames)
+            s["used"][i] += float(r.kept_E.max()) / r.capacity
+            s["calls"][i] += 1
+        for i, (a, b) in enumerate(zip(routing, routing[1:])):
+            s["joint"][i] += contingency(a.first_choice_S, b.first_choice_S, s["joint"].shape[-1])
 
     def all_reduce(self):
-        """Sum every rank's accumulators (a collective: each rank must call it, with the same layer count)."""
-        if not self.layers:
-            return
-        flat = torch.cat([torch.cat([a["counts"], torch.tensor([a[k] for k in ("routes", "dropped", "entropy",
-                                                                             "frames", "used", "calls")])])
-                          for a in self.layers] + [j.flatten() for j in self.joint]).double()
-        device = flat.new_empty(0, device="cuda").device if dist.get_backend() == "nccl" else flat.device
-        flat = flat.to(device)
-        dist.all_reduce(flat)  # NCCL needs the tensor on the GPU, gloo takes it where it is
-        flat = flat.cpu()
-        E, at = len(self.layers[0]["counts"]), 0
-        for a in self.layers:
-            a["counts"] = flat[at:at + E].float()
-            for i, k in enumerate(("routes", "dropped", "entropy", "frames", "used", "calls")):
-                a[k] = flat[at + E + i].item()
-            at += E + 6
-        for i in range(len(self.joint)):
-            self.joint[i] = flat[at:at + E * E].view(E, E).float()
-            at += E * E
+        """Sum every rank's accumulators (a collective: every rank calls it, recorded something or not)."""
+        self.sums = {k: v.float() for k, v in distributed.sum_over_ranks(self.sums).items()}
 
     def summary(self) -> dict:
-        layers = [{"load": (a["counts"] / a["counts"].sum().clamp(min=1)).tolist(),
-                   "entropy": a["entropy"] / max(a["frames"], 1), "dropped": a["dropped"] / max(a["routes"], 1),
-                   "capacity_used": a["used"] / max(a["calls"], 1)} for a in self.layers]
-        return {"layers": layers, "adjacent_nmi": [nmi(j) for j in getattr(self, "joint", [])]}
+        s = self.sums
+        layers = [{"load": (s["kept"][i] / s["kept"][i].sum().clamp(min=1)).tolist(),
+                   "entropy": float(s["entropy"][i] / s["frames"][i].clamp(min=1)),
+                   "dropped": float(s["dropped"][i] / s["routes"][i].clamp(min=1)),
+                   "capacity_used": float(s["used"][i] / s["calls"][i].clamp(min=1))}
+                  for i in range(len(s["routes"]))]
+        return {"layers": layers, "adjacent_nmi": [nmi(j) for j in s["joint"]]}
+
+
+class TrainMeter:
+    """Running sums between two log lines: losses (each rank's share of the global mean) and, per MoE layer,
+    routes requested and dropped at the training capacity."""
+
+    def __init__(self, num_layers: int):
+        self.start, self.steps, self.frames = time.time(), 0, 0
+        self.sums = {"loss": torch.zeros(4), "routes": torch.zeros(num_layers), "dropped": torch.zeros(num_layers)}
+
+    def add(self, input_frames: int, loss, routing: list):
+        self.steps += 1
+        self.frames += input_frames
+        self.sums["loss"] += torch.stack([loss.total, loss.ctc, loss.lb, loss.z]).detach().float().cpu()
+        for i, r in enumerate(routing):
+            self.sums["routes"][i] += float(r.routes)
+            self.sums["dropped"][i] += float(r.dropped)
+
+    def reduce(self) -> dict:
+        """Global means over the interval (a collective: every rank calls it at the same step)."""
+        s = distributed.sum_over_ranks({**self.sums, "n": torch.tensor([float(self.steps), float(self.frames)])})
+        rank_steps, frames = float(s["n"][0]), float(s["n"][1])
+        loss = (s["loss"] / max(rank_steps, 1.0)).tolist()  # the mean of the ranks' shares is the global value
+        return {"loss": loss[0], "ctc": loss[1], "lb": loss[2], "z": loss[3],
+                "dropped_per_layer": (s["dropped"] / s["routes"].clamp(min=1)).tolist(),
+                "input_frames": frames, "elapsed": time.time() - self.start}
 
 
 class MetricsFile:
@@ -106,10 +119,4 @@ class MetricsFile:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row, allow_nan=True) + "\n")
-
-
-def entropy_of(probs: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Mean over real frames of the router distribution's entropy (nats)."""
-    h = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
-    return (h * real.float()).sum() / real.float().sum().clamp(min=1.0)
 

@@ -1,0 +1,105 @@
+"""Every collective of the package, on one device rule, entered by every rank.
+
+Two rules keep multi-rank runs from crashing or hanging:
+
+* one device for every collective, object or tensor: the accelerator device of this rank, set from
+  ``LOCAL_RANK`` when the process group is joined and before anything else talks to it (under NCCL an object
+  collective stages its tensors on ``torch.cuda.current_device()``, which is cuda:0 on every local rank until
+  the device is set, while DeepSpeed binds the NCCL communicator to cuda:LOCAL_RANK);
+* every rank calls every collective, in the same order, whether or not it has anything to contribute (a rank
+  that returns early leaves the others waiting until the timeout).
+
+Nothing else in the package calls ``torch.distributed`` directly; DeepSpeed's engine makes its own calls.
+"""
+import os
+from typing import Callable, Optional
+
+import deepspeed
+import deepspeed.ops
+import torch
+import torch.distributed as dist
+
+
+def init() -> tuple[int, int]:
+    """Join the process group the launcher describes (deepspeed, torchrun or srun env); return (rank, world)."""
+    # The accelerator device first: any collective, DeepSpeed's own included, must find it set.
+    deepspeed.get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # The shared-memory op serves only inference all-reduce; skipping it saves a minute of g++ per fresh node.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name())
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device() -> torch.device:
+    """The device of every collective's tensors: this rank's accelerator (the CPU under gloo)."""
+    return torch.device(deepspeed.get_accelerator().current_device_name())
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def log0(*args):
+    """Print on rank 0 only (or when there is no process group)."""
+    if rank() == 0:
+        print(*args, flush=True)
+
+
+def barrier():
+    dist.barrier()
+
+
+def broadcast_from_rank0(obj):
+    """Rank 0's ``obj`` on every rank (an object collective)."""
+    box = [obj if rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0, device=device())
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def on_rank0(fn: Callable, errors=(OSError, ValueError, RuntimeError)) -> str:
+    """Run ``fn`` on rank 0 while the others wait; return its error message ('' if none) on every rank, so no
+    rank is left waiting for one that failed."""
+    message = ""
+    if rank() == 0:
+        try:
+            fn()
+        except errors as e:
+            message = f"{type(e).__name__}: {e}"
+    return broadcast_from_rank0(message)
+
+
+def group_max(value: int, group) -> int:
+    """The largest ``value`` over a process group (one all-reduce; a host sync)."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
+
+
+def sum_over_ranks(values: dict[str, torch.Tensor], group: Optional[object] = None) -> dict[str, torch.Tensor]:
+    """Keyed all-reduce: every tensor summed over the ranks in one collective (float64 on the collective
+    device), returned on the CPU in the same shapes. Every rank must pass the same keys and shapes."""
+    keys = sorted(values)
+    flat = torch.cat([values[k].detach().reshape(-1).to(torch.float64).cpu() for k in keys])
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        on_device = flat.to(device())
+        dist.all_reduce(on_device, group=group)
+        flat = on_device.cpu()
+    out, at = {}, 0
+    for k in keys:
+        n = values[k].numel()
+        out[k] = flat[at:at + n].view(values[k].shape)
+        at += n
+    return out
