@@ -1,12 +1,20 @@
-"""Small models, configs and weights shared by the tests."""
+"""What the tests share: small models, configs and weights, and running the repository's own commands."""
+import json
 import re
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import torch
+
+from tests.distributed import free_port
 
 from trainer.config import DataConfig, ModelConfig, MoEConfig, ProjectConfig
 
 VOCAB = 20
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 
 
 def tiny_project(mode="omni", k=1, drop_tokens=False, layers=3, accumulation=1, **moe) -> ProjectConfig:
@@ -60,3 +68,31 @@ def union(*batches: dict) -> dict:
     return {"feats": torch.cat([pad(b["feats"], (0, 0, 0, T - b["feats"].shape[1])) for b in batches]),
             "targets": torch.cat([pad(b["targets"], (0, L - b["targets"].shape[1])) for b in batches]),
             **{k: torch.cat([b[k] for b in batches]) for k in ("lengths", "target_lengths", "weight")}}
+
+
+def tiny_config(tmp_path, mode="omni", run=None, **ds_extra) -> str:
+    cfg = json.loads((ROOT / "ds_configs" / f"{mode}.json").read_text())
+    cfg.update(ds_extra)
+    cfg["omni_router"]["model"].update(d_model=32, num_layers=2, num_heads=2, ffn_dim=64)
+    cfg["omni_router"]["data"].update(corpus_sentences=60, vocab_size=48, batch_frames=2500,
+                                      **cfg.pop("data", {}))
+    cfg["omni_router"]["run"].update({"max_steps": 24, "log_every": 4, **(run or {})})
+    cfg["scheduler"]["params"]["warmup_num_steps"] = 5
+    path = tmp_path / f"{mode}-{len(list(tmp_path.glob('*.json')))}.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def command(config, corpus, out, ranks=1, extra=()) -> list:
+    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "trainer/main.py",
+            "--deepspeed_config", config, "--corpus_dir", str(corpus), "--output_dir", str(out), *extra]
+
+
+def run_tool(*args, timeout=600):
+    """A script of the repository (tools/...) under this interpreter, from the repository root."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def launch(config, corpus, out, ranks=1, extra=(), timeout=600):
+    return subprocess.run(command(config, corpus, out, ranks, extra), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)

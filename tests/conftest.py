@@ -23,7 +23,7 @@ def corpus(tmp_path_factory):
 def trained(tmp_path_factory, corpus):
     """Two short runs on two ranks with ep_size 2 through the real launcher: omni (ZeRO 1, fp32) and switch
     (ZeRO 2, bf16)."""
-    from tests.test_main import launch, tiny_config
+    from tests.common import launch, tiny_config
     base = tmp_path_factory.mktemp("trained")
     runs = {}
     for mode, stage, bf16 in (("omni", 1, False), ("switch", 2, True)):

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import ConfigError, batch_plan, load_config, resolve_ep_size
+from trainer.config import (ConfigError, batch_plan, load_config, parse_assignment, reference_table, resolve_ep_size,
+                            with_assignments)
 
 CPU = ["ds_configs/omni.json", "ds_configs/switch.json", "ds_configs/dense.json"]
 PAPER = ["ds_configs/paper/omni_8x84m.json", "ds_configs/paper/switch_8x84m.json", "ds_configs/paper/dense_84m.json"]
@@ -102,3 +103,19 @@ def test_no_module_but_distributed_calls_torch_distributed():
     callers = [p.name for p in Path("trainer").glob("*.py")
                if "torch.distributed" in p.read_text() and p.name != "distributed.py"]
     assert callers == []
+
+
+def test_readme_key_table_is_the_one_generated_from_the_config():
+    assert reference_table() in (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_set_overrides_any_key_and_names_a_bad_one():
+    _, project = load_config("ds_configs/omni.json")
+    changed = with_assignments(project, [parse_assignment(a) for a in (
+        "run.max_steps=5", "moe.lb_coef=0.02", "data.specaugment.time_masks=0", "run.output_dir=runs/x")])
+    assert (changed.run.max_steps, changed.moe.lb_coef, changed.data.specaugment.time_masks,
+            changed.run.output_dir) == (5, 0.02, 0, "runs/x")
+    with pytest.raises(ConfigError, match="omni_router.moe.lb_cof"):
+        with_assignments(project, [parse_assignment("moe.lb_cof=0.1")])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_assignment("run.max_steps")

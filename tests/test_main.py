@@ -1,44 +1,13 @@
 """The main job through the real deepspeed launcher, on a small slice of the embedded corpus."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.distributed import free_port
+from tests.common import launch, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
-
-
-def tiny_config(tmp_path, mode="omni", run=None, **ds_extra) -> str:
-    cfg = json.loads((ROOT / "ds_configs" / f"{mode}.json").read_text())
-    cfg.update(ds_extra)
-    cfg["omni_router"]["model"].update(d_model=32, num_layers=2, num_heads=2, ffn_dim=64)
-    cfg["omni_router"]["data"].update(corpus_sentences=60, vocab_size=48, batch_frames=2500,
-                                      **cfg.pop("data", {}))
-    cfg["omni_router"]["run"].update({"max_steps": 24, "log_every": 4, **(run or {})})
-    cfg["scheduler"]["params"]["warmup_num_steps"] = 5
-    path = tmp_path / f"{mode}-{len(list(tmp_path.glob('*.json')))}.json"
-    path.write_text(json.dumps(cfg))
-    return str(path)
-
-
-def command(config, corpus, out, ranks=1, extra=()) -> list:
-    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "trainer/main.py",
-            "--deepspeed_config", config, "--corpus_dir", str(corpus), "--output_dir", str(out), *extra]
-
-
-def run_tool(*args, timeout=600):
-    """A script of the repository (tools/...) under this interpreter, from the repository root."""
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def launch(config, corpus, out, ranks=1, extra=(), timeout=600):
-    return subprocess.run(command(config, corpus, out, ranks, extra), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("mode,ranks,gas", [("omni", 1, 1), ("omni", 2, 1), ("switch", 2, 2), ("dense", 1, 1)])

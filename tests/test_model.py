@@ -4,6 +4,7 @@ import torch
 
 from tests.common import VOCAB, batch, fill_weights, tiny_project, union
 from trainer import objective
+from trainer.deepspeed_contract import local_experts
 from trainer.model import CTCModel
 
 
@@ -83,7 +84,7 @@ def test_padding_changes_neither_routing_nor_real_outputs(mode, k):
 
 
 def experts_of(model, block):
-    return model.blocks[block].ffn.moe.deepspeed_moe.experts.deepspeed_experts
+    return local_experts(model.blocks[block].ffn.moe)
 
 
 def test_experts_start_apart_and_the_same_whatever_the_ep_size():

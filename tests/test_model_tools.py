@@ -5,9 +5,11 @@ import shutil
 
 import pytest
 
-from tests.test_main import launch, run_tool as tool
+from tests.common import launch, run_tool as tool
 
 PNG = b"\x89PNG\r\n\x1a\n"
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

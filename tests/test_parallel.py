@@ -11,6 +11,8 @@ from trainer.engine import build_engine, build_model, step_loss
 # Uneven shards: 3 utterances on rank 0, 17 on rank 1; one rank alone holds the union of the two.
 SHARDS = [dict(seed=10, lengths=(13, 10, 7)), dict(seed=11, lengths=tuple(range(4, 21)))]
 
+pytestmark = pytest.mark.slow
+
 
 def _losses_and_grads(mode, k, stage):
     """One forward/backward over this rank's shard (the union on one rank); full gradients by global name."""

@@ -15,10 +15,13 @@ from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
 from tests.common import VOCAB, batch, ds_dict, tiny_project
 from tests.distributed import run_ranks
-from tests.test_main import ROOT, command, launch, tiny_config
+from tests.common import ROOT, command, launch, tiny_config
 from trainer.config import with_overrides
-from trainer.engine import Trainer, TrainingError, build_engine, build_model
+from trainer.engine import build_engine, build_model
+from trainer.loop import Trainer, TrainingError
 from trainer.telemetry import TrainMeter
+
+pytestmark = pytest.mark.slow
 
 
 def metrics(out):

@@ -6,10 +6,12 @@ import time
 
 import pytest
 
+from tests.common import ROOT, tiny_config
 from tests.slurm_cluster import Cluster
-from tests.test_main import ROOT, tiny_config
 
 NODES_2x1 = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=15"]
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

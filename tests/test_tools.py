@@ -1,5 +1,9 @@
 """The benchmarks run and print their figures (smoke runs at tiny sizes; the figures are not asserted)."""
-from tests.test_main import run_tool, tiny_config
+import pytest
+
+from tests.common import run_tool, tiny_config
+
+pytestmark = pytest.mark.slow
 
 
 def test_bench_step_prints_a_row_per_mode_and_the_ratio(tmp_path):

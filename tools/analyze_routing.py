@@ -15,9 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -7,20 +7,17 @@ Caching is off and SpecAugment on, as in training on a large corpus; each settin
 (decode + resample, log-mel, normalisation, SpecAugment, collate) follows.
 """
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+import torch
 
-import torch  # noqa: E402
-
-from trainer.audio import load_audio  # noqa: E402
-from trainer.config import DataConfig  # noqa: E402
-from trainer.data import SpeechDataset, length_batches, loader, padding_fraction  # noqa: E402
-from trainer.features import log_mel  # noqa: E402
-from trainer.sources import read_sources  # noqa: E402
-from trainer.text import Tokenizer  # noqa: E402
+from trainer.audio import load_audio
+from trainer.config import DataConfig
+from trainer.data import SpeechDataset, length_batches, loader, padding_fraction
+from trainer.features import log_mel
+from trainer.sources import read_sources
+from trainer.text import Tokenizer
 
 
 def parse_args():

@@ -10,17 +10,13 @@ figure is the median over rounds of the mean step time in a round, and the order
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+import torch
 
-import torch  # noqa: E402
-
-from trainer import distributed  # noqa: E402
-from trainer.config import load_config, with_overrides  # noqa: E402
-from trainer.engine import build_engine, build_model, step_loss  # noqa: E402
+from trainer import distributed
+from trainer.config import load_config, with_overrides
+from trainer.engine import build_engine, build_model, step_loss
 
 
 def parse_args():

@@ -11,13 +11,11 @@ import random
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+import torch
 
-import torch  # noqa: E402
-
-from trainer.audio import load_audio  # noqa: E402
-from trainer.features import log_mel  # noqa: E402
-from trainer.sources import DataError, read_sources  # noqa: E402
+from trainer.audio import load_audio
+from trainer.features import log_mel
+from trainer.sources import DataError, read_sources
 
 
 def main(argv=None) -> int:

@@ -12,11 +12,8 @@ DeepSpeed's zero_to_fp32 cannot do this for MoE: it does not read the per-expert
 """
 import argparse
 import sys
-from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from trainer.export import CheckpointError, consolidate, to_deepspeed  # noqa: E402
+from trainer.export import CheckpointError, consolidate, to_deepspeed
 
 
 def main(argv=None) -> int:

@@ -12,12 +12,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from trainer.decode import word_error_rate  # noqa: E402
-from trainer.export import CheckpointError  # noqa: E402
-from trainer.inference import Recognizer  # noqa: E402
-from trainer.sources import DataError, read_sources  # noqa: E402
+from trainer.decode import word_error_rate
+from trainer.export import CheckpointError
+from trainer.inference import Recognizer
+from trainer.sources import DataError, read_sources
 
 
 def named(value: str) -> tuple[str, str]:

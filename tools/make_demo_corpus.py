@@ -7,11 +7,8 @@ from the config's data section; this tool builds one ahead of time or a larger o
 """
 import argparse
 import sys
-from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from trainer.corpus import build_corpus  # noqa: E402
+from trainer.corpus import build_corpus
 
 
 def main(argv=None) -> int:

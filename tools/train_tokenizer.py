@@ -7,12 +7,9 @@ this itself on first use (into OUTPUT_DIR/tokenizer.model); use this tool to sha
 """
 import argparse
 import sys
-from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from trainer.sources import DataError, read_sources  # noqa: E402
-from trainer.text import Tokenizer  # noqa: E402
+from trainer.sources import DataError, read_sources
+from trainer.text import Tokenizer
 
 
 def main(argv=None) -> int:

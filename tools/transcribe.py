@@ -11,11 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from trainer.export import CheckpointError  # noqa: E402
-from trainer.inference import Recognizer, audio_utterances  # noqa: E402
-from trainer.sources import DataError, read_sources  # noqa: E402
+from trainer.export import CheckpointError
+from trainer.inference import Recognizer, audio_utterances
+from trainer.sources import DataError, read_sources
 
 
 def main(argv=None) -> int:

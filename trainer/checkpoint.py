@@ -1,4 +1,5 @@
-"""Checkpoints that survive crashes: atomic publication, verification at start-up, retention.
+"""Checkpoints that survive crashes, and the run's checkpoint policy: what is saved, when, what is kept, how
+a run resumes.
 
 DeepSpeed writes ``latest`` from rank 0 without waiting for the other ranks' files. Here a checkpoint becomes
 visible only after every rank has written everything: the save runs with ``save_latest=False``, all ranks
@@ -7,19 +8,50 @@ meet at a barrier, rank 0 records every file and its size in ``TAG/complete.json
 or partial one is reported by name and skipped.
 """
 import json
+import math
 import os
 import random
 import shutil
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Optional
 
 import deepspeed
 import torch
 
 from trainer import distributed
+from trainer.deepspeed_contract import MODEL_STATES, set_schedule_position
 
 RECORD = "complete.json"
-MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's file of non-expert weights and the client state
 TOKENIZER, CMVN = "tokenizer.model", "cmvn.json"  # beside the checkpoints in a run's folder, and copied into each
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that this run cannot continue from as asked; worded for the user."""
+
+
+@dataclass
+class Record:
+    """The trainer's state in a checkpoint, beside DeepSpeed's (its client state): one writer, one reader."""
+    project_config: dict
+    step: int
+    epoch: int = 0  # data position: the epoch, and the batches of it this rank has taken
+    position: int = 0
+    best: dict = field(default_factory=lambda: {"wer": math.inf, "tag": ""})  # best mean dev WER and its tag
+    world_size: Optional[int] = None  # None: re-sharded by tools/consolidate_checkpoint.py
+    ep_size: int = 1
+    optimizer_state: bool = True  # False: weights only, the optimizer starts afresh
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "Record":
+        """The record inside DeepSpeed's saved dict (``mp_rank_00_model_states.pt`` or ``load_checkpoint``'s
+        client state), which also holds DeepSpeed's own keys."""
+        found = {f.name: saved[f.name] for f in fields(cls) if f.name in saved}
+        found.update(saved.get("sampler", {}))  # checkpoints of 0.1.0 kept the data position in a "sampler" dict
+        return cls(**found)
+
+    def client_state(self) -> dict:
+        return asdict(self)
 
 
 def _rank0() -> bool:
@@ -72,12 +104,10 @@ def newest_usable(ckpt_dir: Path) -> tuple[str, list[str]]:
     return "", warnings
 
 
-def layout(ckpt_dir: Path, tag: str) -> dict:
-    """How a checkpoint was written: world_size, ep_size and whether it holds optimizer state. The file is
-    memory-mapped, so its weights are not read."""
-    saved = torch.load(ckpt_dir / tag / MODEL_STATES, map_location="cpu", weights_only=False, mmap=True)
-    return {"world_size": saved.get("world_size"), "ep_size": saved.get("ep_size"),
-            "optimizer_state": saved.get("optimizer_state", True)}
+def read_record(ckpt_dir: Path, tag: str) -> Record:
+    """A checkpoint's record, without reading its weights (the file is memory-mapped)."""
+    return Record.from_saved(torch.load(ckpt_dir / tag / MODEL_STATES, map_location="cpu", weights_only=False,
+                                        mmap=True))
 
 
 def _rng_file(ckpt_dir: Path, tag: str) -> Path:
@@ -92,14 +122,14 @@ def publish(ckpt_dir: Path, tag: str):
     _atomic_write(ckpt_dir / "latest", tag)
 
 
-def save(engine, ckpt_dir: Path, client_state: dict, keep_last: int, keep: set, extra_files: list) -> str:
+def save(engine, ckpt_dir: Path, record: Record, keep_last: int, keep: set, extra_files: list) -> str:
     """Write a checkpoint on every rank with copies of ``extra_files`` (tokenizer, statistics), then publish
     it; keep the newest ``keep_last`` and those in ``keep``."""
     tag = f"step{engine.global_steps}"
     if _rank0() and (ckpt_dir / tag).exists():  # a leftover of a crashed save with this step
         shutil.rmtree(ckpt_dir / tag)
     distributed.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client_state, "tag": tag}, save_latest=False)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=record.client_state(), save_latest=False)
     torch.save(_rng_states(), _rng_file(ckpt_dir, tag))
     distributed.barrier()  # every rank's files are on disk
     if _rank0():
@@ -126,14 +156,64 @@ def _restore_rng(state: dict):
     random.setstate(state["python"])
 
 
-def load(engine, ckpt_dir: Path, tag: str, load_optimizer: bool = True) -> tuple[str, dict]:
+def load(engine, ckpt_dir: Path, tag: str, load_optimizer: bool = True) -> Record:
     """Load a verified checkpoint (the caller picks it with ``newest_usable`` on rank 0 and broadcasts it).
     Without the optimizer, the learning-rate schedule is set to the checkpoint's step rather than restarted."""
     _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=load_optimizer,
                                        load_lr_scheduler_states=load_optimizer)
-    if not load_optimizer and engine.lr_scheduler is not None and engine.global_steps > 0:
-        engine.lr_scheduler.step(engine.global_steps - 1)  # its position after that many steps
+    if not load_optimizer:
+        set_schedule_position(engine.lr_scheduler, engine.global_steps)
     rng = _rng_file(ckpt_dir, tag)
     if rng.exists():  # absent when the world size changed: then the random streams start afresh
         _restore_rng(torch.load(rng, weights_only=True))
-    return tag, client
+    return Record.from_saved(client)
+
+
+class Checkpointer:
+    """The run's checkpoint policy over one engine: saves with the run's files, keeps the newest ``keep_last``
+    and the best by mean dev WER, and resumes from the newest usable checkpoint."""
+
+    def __init__(self, engine, out_dir: Path, keep_last: int):
+        self.engine, self.out_dir, self.keep_last = engine, Path(out_dir), keep_last
+        self.dir = self.out_dir / "checkpoints"
+        self.best = {"wer": math.inf, "tag": ""}
+
+    def note_evaluation(self, mean_wer: float):
+        """Remember the checkpoint about to be saved at this step if its dev WER is the best so far."""
+        if mean_wer < self.best["wer"]:
+            self.best = {"wer": mean_wer, "tag": f"step{self.engine.global_steps}"}
+
+    def save(self, record: Record) -> str:
+        keep = {self.best["tag"]} if self.best["tag"] else set()
+        extra = [f for f in (self.out_dir / TOKENIZER, self.out_dir / CMVN) if f.exists()]
+        tag = save(self.engine, self.dir, Record(**{**asdict(record), "best": self.best}), self.keep_last, keep,
+                   extra)
+        distributed.log0(f"saved checkpoint {self.dir / tag}")
+        return tag
+
+    def resume(self, world_size: int, ep_size: int, reset_optimizer: bool) -> Optional[Record]:
+        """Continue from the newest usable checkpoint, if any: weights, optimizer, scheduler, step, random
+        states (the data position is in the record returned). A different world size or ep_size needs
+        ``reset_optimizer`` (weights only); the learning-rate schedule then continues from the step."""
+        newest, warnings, written = distributed.broadcast_from_rank0(  # one rank reads the disk; all decide alike
+            self._newest_with_record() if _rank0() else None)
+        for w in warnings:
+            distributed.log0(f"WARNING: skipping a damaged checkpoint: {w}")
+        if not newest:
+            return None
+        if not written.optimizer_state:  # re-sharded by tools/consolidate_checkpoint.py: weights only
+            reset_optimizer = True
+        elif (written.world_size, written.ep_size) != (world_size, ep_size) and not reset_optimizer:
+            raise ResumeError(f"{self.dir / newest} was written by {written.world_size} ranks with ep_size "
+                              f"{written.ep_size}, this run has {world_size} with ep_size {ep_size}: the optimizer "
+                              "state cannot be re-partitioned; pass --reset_optimizer to continue from the weights "
+                              "(experts are stored by global id) with a fresh optimizer")
+        record = load(self.engine, self.dir, newest, load_optimizer=not reset_optimizer)
+        self.best = record.best
+        distributed.log0(f"resumed from {self.dir / newest} at step {self.engine.global_steps}"
+                         + (" (optimizer reset)" if reset_optimizer else ""))
+        return record
+
+    def _newest_with_record(self) -> tuple:
+        tag, warnings = newest_usable(self.dir)
+        return tag, warnings, read_record(self.dir, tag) if tag else None

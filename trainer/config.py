@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SECTION = "omni_router"
 
@@ -24,13 +24,13 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    n_mels: int = 80
-    frame_stacking: int = 4
-    d_model: int = 144
-    num_layers: int = 4
-    num_heads: int = 4
-    ffn_dim: int = 576
-    dropout: float = 0.1
+    n_mels: int = Field(80, description="log-mel bins (25 ms window, 10 ms hop)")
+    frame_stacking: int = Field(4, description="input frames stacked into one encoder frame (4: 40 ms)")
+    d_model: int = Field(144, description="encoder width")
+    num_layers: int = Field(4, description="Transformer blocks")
+    num_heads: int = Field(4, description="attention heads; must divide d_model")
+    ffn_dim: int = Field(576, description="hidden width of the dense FFN and of every expert (Linear-ReLU-Linear)")
+    dropout: float = Field(0.1, description="dropout after the frontend, attention and FFN")
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -40,18 +40,23 @@ class ModelConfig(_Strict):
 
 
 class MoEConfig(_Strict):
-    mode: Literal["dense", "switch", "omni"] = "omni"
-    num_experts: int = 4
-    moe_every: int = 1
-    top_k: Literal[1, 2] = 1
-    capacity_factor: float = 1.25  # training only: evaluation and inference never drop
-    min_capacity: int = 4
-    drop_tokens: bool = True
-    noisy_gate_policy: Optional[Literal["Jitter", "RSample"]] = None  # RSample: sampled choice, top-1 only
-    second_expert_sampling: bool = False  # top-2: draw the second expert with Gumbel noise (GShard)
-    lb_coef: float = 0.01
-    z_coef: float = 0.001
-    ep_size: Union[int, Literal["auto"]] = "auto"
+    mode: Literal["dense", "switch", "omni"] = Field(
+        "omni", description="dense FFNs; switch: a router per MoE layer; omni: one router shared by all")
+    num_experts: int = Field(4, description="experts per MoE layer")
+    moe_every: int = Field(1, description="MoE in every n-th block (1: every block)")
+    top_k: Literal[1, 2] = Field(1, description="experts per frame")
+    capacity_factor: float = Field(
+        1.25, description="training capacity: ceil(top_k * factor * frames / E) routes per expert; evaluation "
+                          "and inference never drop")
+    min_capacity: int = Field(4, description="least capacity per expert in training")
+    drop_tokens: bool = Field(True, description="false: training capacity is the busiest expert's count (no drop)")
+    noisy_gate_policy: Optional[Literal["Jitter", "RSample"]] = Field(
+        None, description="Jitter: router input times U(0.99, 1.01); RSample (top-1): Gumbel-sampled choice")
+    second_expert_sampling: bool = Field(False, description="top-2: sample the second expert with Gumbel noise")
+    lb_coef: float = Field(0.01, description="load-balancing loss weight per MoE layer, next to a per-frame CTC")
+    z_coef: float = Field(0.001, description="router z-loss weight per MoE layer")
+    ep_size: Union[int, Literal["auto"]] = Field(
+        "auto", description="expert-parallel size; auto: gcd(world size, num_experts)")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -72,48 +77,50 @@ class MoEConfig(_Strict):
 
 class HFSource(_Strict):
     """A Hugging Face dataset on local disk: a save_to_disk folder, an audiofolder, or parquet files."""
-    path: str
-    kind: Literal["saved", "audiofolder", "parquet"] = "saved"
-    split: str = "train"
-    audio_column: str = "audio"
-    text_column: str = "text"
+    path: str = Field(description="dataset folder (or parquet file)")
+    kind: Literal["saved", "audiofolder", "parquet"] = Field("saved", description="how it is stored")
+    split: str = Field("train", description="split of a saved DatasetDict")
+    audio_column: str = Field("audio", description="column of audio (bytes or path)")
+    text_column: str = Field("text", description="column of transcripts")
 
 
 class SpecAugmentConfig(_Strict):
-    freq_masks: int = 2
-    freq_width: int = 27
-    time_masks: int = 2
-    time_width: int = 40
+    freq_masks: int = Field(2, description="frequency masks per utterance")
+    freq_width: int = Field(27, description="widest frequency mask (bins)")
+    time_masks: int = Field(2, description="time masks per utterance")
+    time_width: int = Field(40, description="widest time mask (frames; at most a fifth of the utterance)")
 
 
 class DataConfig(_Strict):
-    train_manifests: list[str] = []
-    dev_manifests: list[str] = []
-    train_hf: list[HFSource] = []
-    dev_hf: list[HFSource] = []
-    corpus_dir: str = "~/.cache/omni-router/demo-corpus"
-    corpus_sentences: int = 3000
-    vocab_size: int = 256
-    batch_frames: int = 12000  # THE batch: padded 10 ms input frames per optimizer step, all ranks together
-    max_frames_per_rank: int = 0  # most padded frames one rank takes at once; above it, accumulation
-    max_duration: float = 20.0
-    strict_data: bool = False
-    num_workers: int = 0
-    cache_features: bool = True
-    global_cmvn: str = ""
-    specaugment: SpecAugmentConfig = SpecAugmentConfig()
-    speed_perturb: list[float] = []
+    train_manifests: list[str] = Field([], description="NeMo JSON-lines manifests; none: the embedded corpus")
+    dev_manifests: list[str] = Field([], description="dev manifests, each its own dev set")
+    train_hf: list[HFSource] = Field([], description="Hugging Face datasets on disk for training")
+    dev_hf: list[HFSource] = Field([], description="Hugging Face datasets on disk, each its own dev set")
+    corpus_dir: str = Field("~/.cache/omni-router/demo-corpus", description="where the embedded corpus is built")
+    corpus_sentences: int = Field(3000, description="training sentences of the embedded corpus")
+    vocab_size: int = Field(256, description="sentencepiece pieces (the CTC blank comes on top)")
+    batch_frames: int = Field(
+        12000, description="THE batch: padded 10 ms input frames per optimizer step, all ranks together")
+    max_frames_per_rank: int = Field(
+        0, description="most padded frames one rank takes at once (0: no limit); above it, accumulation")
+    max_duration: float = Field(20.0, description="longest utterance kept (seconds)")
+    strict_data: bool = Field(False, description="refuse to start on any unusable row instead of skipping it")
+    num_workers: int = Field(0, description="DataLoader workers per rank")
+    cache_features: bool = Field(True, description="keep features in memory (small corpora, no speed perturbation)")
+    global_cmvn: str = Field("", description="statistics file of tools/compute_cmvn.py; empty: per utterance")
+    specaugment: SpecAugmentConfig = Field(SpecAugmentConfig(), description="masks on training features")
+    speed_perturb: list[float] = Field([], description="speed factors drawn per utterance, e.g. [0.9, 1.0, 1.1]")
 
 
 class RunConfig(_Strict):
-    output_dir: str = "runs/default"
-    max_steps: int = 1000
-    log_every: int = 25
-    eval_every: int = 0  # 0: only at the end; every evaluation also saves a checkpoint
-    save_every: int = 0  # 0: only at evaluations and at the end
-    keep_last: int = 3  # newest checkpoints kept, besides the best by dev WER
-    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
-    seed: int = 1234
+    output_dir: str = Field("runs/default", description="checkpoints, metrics, tokenizer")
+    max_steps: int = Field(1000, description="optimizer steps; also the length of the learning-rate schedule")
+    log_every: int = Field(25, description="steps between training log rows")
+    eval_every: int = Field(0, description="steps between evaluations, each with a checkpoint (0: at the end)")
+    save_every: int = Field(0, description="steps between checkpoints besides evaluations (0: none)")
+    keep_last: int = Field(3, description="newest checkpoints kept, besides the best by dev WER")
+    max_bad_steps: int = Field(5, description="non-finite losses or gradients in a row before the run stops")
+    seed: int = Field(1234, description="weights, data order, augmentation")
 
 
 class ProjectConfig(_Strict):
@@ -200,6 +207,51 @@ def resolve_ep_size(moe: MoEConfig, world_size: int) -> int:
     if world_size % moe.ep_size:
         raise ConfigError(f"{SECTION}.moe.ep_size: {moe.ep_size} does not divide the world size {world_size}")
     return moe.ep_size
+
+
+def parse_assignment(text: str) -> tuple[list[str], object]:
+    """``section.key=value`` (``--set``) -> (key path, value); the value is read as JSON, else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, for example run.max_steps=5")
+    try:
+        return key.split("."), json.loads(value)
+    except json.JSONDecodeError:
+        return key.split("."), value
+
+
+def with_assignments(project: ProjectConfig, assignments: list[tuple[list[str], object]]) -> ProjectConfig:
+    """A copy with the values at the given key paths replaced, re-validated; errors name the key."""
+    merged = project.model_dump()
+    for path, value in assignments:
+        node = merged
+        for i, k in enumerate(path[:-1]):
+            if not isinstance(node.get(k), dict):
+                raise ConfigError(f"--set {'.'.join(path)}: {SECTION}.{'.'.join(path[:i + 1])} is not a section")
+            node = node[k]
+        node[path[-1]] = value
+    try:
+        return ProjectConfig.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError(_format(e, "--set")) from None
+
+
+def reference_table() -> str:
+    """The README's table of project keys, from the field descriptions here (a test keeps them equal)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type, prefix: str):
+        for name, f in model.model_fields.items():
+            kind = f.annotation
+            if isinstance(kind, type) and issubclass(kind, _Strict) and kind is not HFSource:
+                walk(kind, f"{prefix}{name}.")
+                continue
+            default = "required" if f.is_required() else json.dumps(
+                f.default.model_dump() if isinstance(f.default, BaseModel) else f.default)
+            rows.append(f"| `{prefix}{name}` | `{default}` | {f.description} |")
+
+    walk(ProjectConfig, "")
+    return "\n".join(rows)
 
 
 def with_overrides(project: ProjectConfig, **sections) -> ProjectConfig:

@@ -15,9 +15,10 @@ import os
 from typing import Callable, Optional
 
 import deepspeed
-import deepspeed.ops
 import torch
 import torch.distributed as dist
+
+from trainer.deepspeed_contract import skip_shm_comm_build
 
 
 def init() -> tuple[int, int]:
@@ -25,7 +26,7 @@ def init() -> tuple[int, int]:
     # The accelerator device first: any collective, DeepSpeed's own included, must find it set.
     deepspeed.get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # The shared-memory op serves only inference all-reduce; skipping it saves a minute of g++ per fresh node.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name())
     return dist.get_rank(), dist.get_world_size()
 

@@ -8,8 +8,8 @@ A consolidated folder holds ``model.safetensors`` (fp32; the shared Omni router 
 tokenizer (and global CMVN statistics when the run used them).
 """
 import json
-import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from trainer import checkpoint
 from trainer.config import ProjectConfig
+from trainer.deepspeed_contract import EXPERT_FILE, EXPERT_PARAM, MODEL_STATES, expert_file
 from trainer.model import CTCModel, moe_blocks
 
-EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_" + re.escape(checkpoint.MODEL_STATES))
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 FORMAT = "omni-router-consolidated/1"
 
@@ -36,7 +36,7 @@ def find_checkpoint(path: str) -> Path:
         raise CheckpointError(f"{p}: no such file or directory")
     if (p / CONFIG).exists() and (p / WEIGHTS).exists():
         raise CheckpointError(f"{p}: a consolidated model, not a DeepSpeed checkpoint")
-    if (p / checkpoint.MODEL_STATES).exists():
+    if (p / MODEL_STATES).exists():
         return p
     for ckpt_dir in (p, p / "checkpoints"):
         if checkpoint.tags(ckpt_dir):
@@ -44,14 +44,14 @@ def find_checkpoint(path: str) -> Path:
             if not tag:
                 raise CheckpointError(f"{ckpt_dir}: no usable checkpoint:\n  " + "\n  ".join(warnings))
             return ckpt_dir / tag
-    raise CheckpointError(f"{p}: not a DeepSpeed checkpoint (no {checkpoint.MODEL_STATES}, no stepN folders)")
+    raise CheckpointError(f"{p}: not a DeepSpeed checkpoint (no {MODEL_STATES}, no stepN folders)")
 
 
 def read_deepspeed(tag_dir: Path) -> tuple[dict, dict]:
     """(every weight by its one-rank name in fp32, DeepSpeed's saved dict with the trainer's client state)."""
-    saved = torch.load(tag_dir / checkpoint.MODEL_STATES, map_location="cpu", weights_only=False)
+    saved = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
     if not isinstance(saved, dict) or "project_config" not in saved:
-        raise CheckpointError(f"{tag_dir / checkpoint.MODEL_STATES}: not written by this trainer (no project_config)")
+        raise CheckpointError(f"{tag_dir / MODEL_STATES}: not written by this trainer (no project_config)")
     state = {k: v.float() for k, v in saved["module"].items()}
     project = ProjectConfig.model_validate(saved["project_config"])
     found = {}
@@ -136,7 +136,7 @@ def load_consolidated(path: str) -> tuple[CTCModel, dict]:
     p = Path(path)
     if not (p / CONFIG).exists():
         hint = " (a DeepSpeed checkpoint: run tools/consolidate_checkpoint.py first)" \
-            if (p / checkpoint.MODEL_STATES).exists() or (p / "checkpoints").is_dir() or (p / "latest").exists() else ""
+            if (p / MODEL_STATES).exists() or (p / "checkpoints").is_dir() or (p / "latest").exists() else ""
         raise CheckpointError(f"{p}: not a consolidated model, no {CONFIG}{hint}")
     meta = json.loads((p / CONFIG).read_text())
     if meta.get("format") != FORMAT:
@@ -161,17 +161,19 @@ def to_deepspeed(src: str, ep_size: int, out_dir: str) -> Path:
     (ckpt_dir / tag).mkdir(parents=True)
     experts = {}
     for name, t in state.items():
-        m = re.search(r"\.deepspeed_experts\.(\d+)\.", name)
+        m = EXPERT_PARAM.search(name)
         if m:
             experts.setdefault(name.split(".ffn.")[0], {}).setdefault(int(m[1]), {})[name] = t
-    module = {k: v for k, v in state.items() if ".deepspeed_experts." not in k}
+    module = {k: v for k, v in state.items() if not EXPERT_PARAM.search(k)}
     for layer, block in enumerate(sorted(experts, key=lambda b: int(b.split(".")[1]))):
         for e, sd in experts[block].items():
-            torch.save(sd, ckpt_dir / tag / f"layer_{layer}_expert_{e}_{checkpoint.MODEL_STATES}")
+            torch.save(sd, ckpt_dir / tag / expert_file(layer, e))
     keep = {k: v for k, v in saved.items() if k not in ("optimizer", "lr_scheduler", "module")}
-    torch.save({**keep, "module": module, "optimizer": None, "lr_scheduler": None, "project_config": project,
-                "ep_size": ep_size, "world_size": None, "optimizer_state": False},
-               ckpt_dir / tag / checkpoint.MODEL_STATES)
+    record = checkpoint.Record.from_saved(saved)
+    record = checkpoint.Record(**{**asdict(record), "project_config": project, "ep_size": ep_size,
+                                  "world_size": None, "optimizer_state": False})
+    torch.save({**keep, **record.client_state(), "module": module, "optimizer": None, "lr_scheduler": None},
+               ckpt_dir / tag / MODEL_STATES)
     for name, path in run_files(tag_dir).items():
         shutil.copyfile(path, ckpt_dir / tag / name)
         shutil.copyfile(path, out / name)

@@ -1,156 +1,20 @@
-"""Entry point: ``deepspeed trainer/main.py --deepspeed_config ds_configs/omni.json [--num_gpus 2]``.
+"""``deepspeed trainer/main.py --deepspeed_config ds_configs/omni.json``: the file launchers run.
 
-With no data flags it trains on the embedded corpus (built on first use); manifests of your own data are
-flags. Rank 0 prepares shared files (corpus, tokenizer) while the others wait at a barrier.
+The run itself is ``trainer.run.main``. Run as a file, Python puts this folder first on ``sys.path``, where
+``config.py``, ``data.py`` or ``text.py`` would shadow any library of that name; the repository root takes its
+place, so the package is imported as a package (installed or not).
 """
-import json
-import shutil
+import os
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file by a launcher: import the package, never its modules as siblings
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import argparse  # noqa: E402
-
-import deepspeed  # noqa: E402
-
-from trainer import checkpoint, distributed  # noqa: E402
-from trainer.config import ConfigError, batch_plan, load_config, resolve_ep_size, with_overrides  # noqa: E402
-from trainer.corpus import build_corpus  # noqa: E402
-from trainer.data import SpeechDataset  # noqa: E402
-from trainer.distributed import log0  # noqa: E402
-from trainer.engine import Trainer, TrainingError, build_engine, build_model  # noqa: E402
-from trainer.sources import DataError, read_sources  # noqa: E402
-from trainer.text import Tokenizer  # noqa: E402
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    p.add_argument("--train_manifest", action="append", default=None,
-                   help="NeMo JSON-lines manifest (repeatable); default: the embedded corpus")
-    p.add_argument("--dev_manifest", action="append", default=None, help="dev manifest (repeatable)")
-    p.add_argument("--output_dir", default=None, help="overrides omni_router.run.output_dir")
-    p.add_argument("--max_steps", type=int, default=None, help="overrides omni_router.run.max_steps")
-    p.add_argument("--corpus_dir", default=None, help="overrides omni_router.data.corpus_dir")
-    p.add_argument("--strict_data", action="store_true", default=None,
-                   help="stop at start-up on any unusable row instead of skipping it")
-    p.add_argument("--eval_only", action="store_true",
-                   help="evaluate the newest checkpoint in the output directory on the dev sets, and stop")
-    p.add_argument("--resume", choices=["auto", "never"], default="auto",
-                   help="auto: continue from the newest usable checkpoint in the output directory, if any; "
-                        "never: start afresh, and refuse an output directory that already holds checkpoints")
-    p.add_argument("--reset_optimizer", action="store_true",
-                   help="resume from the weights only (needed when the number of ranks changed)")
-    deepspeed.add_config_arguments(p)
-    args = p.parse_args(argv)
-    if not args.deepspeed_config:
-        p.error("--deepspeed_config is required (for example ds_configs/omni.json)")
-    if args.eval_only and args.resume == "never":
-        p.error("--eval_only evaluates a checkpoint: it cannot be combined with --resume never")
-    return args
-
-
-def load_project(args):
-    ds_config, project = load_config(args.deepspeed_config)
-    run = {k: v for k, v in (("output_dir", args.output_dir), ("max_steps", args.max_steps)) if v is not None}
-    data = {k: v for k, v in (("train_manifests", args.train_manifest), ("dev_manifests", args.dev_manifest),
-                              ("corpus_dir", args.corpus_dir), ("strict_data", args.strict_data))
-            if v is not None}
-    return ds_config, with_overrides(project, run=run, data=data)
-
-
-def on_rank0(fn):
-    """fn on rank 0 while the others wait; its error is raised on every rank, so no rank hangs at a barrier."""
-    error = distributed.on_rank0(fn)
-    if error:
-        raise DataError(error)
-
-
-def prepare_data(project):
-    """Utterances (the embedded corpus unless given), the tokenizer made once by rank 0, and the datasets."""
-    data, out = project.data, Path(project.run.output_dir)
-    train_m, dev_m = list(data.train_manifests), list(data.dev_manifests)
-    if not train_m and not data.train_hf:
-        on_rank0(lambda: build_corpus(data.corpus_dir, data.corpus_sentences, seed=project.run.seed))
-        corpus = Path(data.corpus_dir).expanduser()
-        train_m = [str(corpus / "train.jsonl")]
-        dev_m = dev_m or ([] if data.dev_hf else [str(corpus / "dev.jsonl")])
-    if not dev_m and not data.dev_hf:
-        raise DataError("no dev set: pass --dev_manifest (or omni_router.data.dev_manifests / dev_hf)")
-    train, problems = read_sources(train_m, data.train_hf, data.max_duration, data.strict_data)
-    report(problems, "train")
-    dev = {}  # one set per dev source, named after it: WER is reported per set and averaged
-    for name, manifests, hf in [(Path(m).stem, [m], []) for m in dev_m] + [(Path(h.path).name, [], [h])
-                                                                           for h in data.dev_hf]:
-        utts, problems = read_sources(manifests, hf, data.max_duration, data.strict_data)
-        report(problems, name)
-        dev[name if name not in dev else f"{name}.{len(dev)}"] = utts
-    for name, utts in [("train", train), *dev.items()]:
-        if not utts:
-            raise DataError(f"{name}: no usable utterance")
-    sp_path = out / checkpoint.TOKENIZER
-    if not sp_path.exists():
-        on_rank0(lambda: Tokenizer.train([u.text for u in train], str(sp_path), data.vocab_size))
-    tokenizer = Tokenizer(str(sp_path))
-    if data.global_cmvn:  # the statistics travel with the model, beside its tokenizer
-        on_rank0(lambda: shutil.copyfile(data.global_cmvn, out / checkpoint.CMVN))
-    n_mels = project.model.n_mels
-    return (SpeechDataset(train, tokenizer, data, n_mels, train=True, seed=project.run.seed),
-            {name: SpeechDataset(utts, tokenizer, data, n_mels, train=False) for name, utts in dev.items()},
-            tokenizer)
-
-
-def report(problems: list, name: str):
-    if problems:
-        shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
-        log0(f"{name}: skipping {len(problems)} unusable rows:\n  {shown}")
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        ds_config, project = load_project(args)
-    except ConfigError as e:
-        print(f"config error:\n{e}", file=sys.stderr)
-        return 2
-    _, world = distributed.init()
-    try:
-        plan = batch_plan(project.data, world)
-    except ConfigError as e:
-        print(f"config error:\n{e}", file=sys.stderr)
-        return 2
-    try:
-        train_set, dev_sets, tokenizer = prepare_data(project)
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
-    model = build_model(project, tokenizer.vocab_size)
-    engine = build_engine(ds_config, project, model)
-    params = sum(p.numel() for p in model.parameters())
-    log0(f"mode {project.moe.mode}: {params:,} parameters on rank 0, {len(model.routers())} router(s), "
-         f"{world} rank(s), ep_size {resolve_ep_size(project.moe, world)}, {len(train_set)} train / "
-         f"{sum(len(d) for d in dev_sets.values())} dev utterances, vocabulary {tokenizer.vocab_size}; "
-         f"{plan.describe()}")
-    trainer = Trainer(engine, project, train_set, dev_sets, tokenizer, project.run.output_dir)
-    try:
-        if args.resume == "never" and checkpoint.tags(trainer.ckpt_dir):
-            raise TrainingError(f"--resume never: {trainer.ckpt_dir} already holds checkpoints; choose another "
-                                "--output_dir (nothing there is overwritten)")
-        resumed = args.resume == "auto" and trainer.resume(args.reset_optimizer)
-        if args.eval_only:
-            if not resumed:
-                raise TrainingError(f"--eval_only: no usable checkpoint in {trainer.ckpt_dir}")
-            result = trainer.evaluate()
-            if distributed.rank() == 0:
-                Path(project.run.output_dir, f"eval_step{result['step']}.json").write_text(json.dumps(result, indent=1))
-            return 0
-        return trainer.fit()
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def _main() -> int:
+    here = os.path.dirname(os.path.abspath(__file__))
+    if sys.path and os.path.abspath(sys.path[0]) == here:
+        sys.path[0] = os.path.dirname(here)
+    from trainer.run import main
+    return main()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main())

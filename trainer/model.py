@@ -14,6 +14,7 @@ from deepspeed.moe.layer import MoE
 
 from trainer import distributed
 from trainer.config import ModelConfig, MoEConfig
+from trainer.deepspeed_contract import gate_of, install_gate, local_experts
 from trainer.routing import RouteCall, RouterGate, RoutingStats
 
 BLANK = 0
@@ -59,8 +60,8 @@ class MoEFeedForward(nn.Module):
         super().__init__()
         self.moe = MoE(d_model, feed_forward(d_model, ffn_dim), num_experts=moe.num_experts, ep_size=ep_size,
                        k=moe.top_k, use_rts=False, drop_tokens=moe.drop_tokens)
-        self.moe.deepspeed_moe.gate = gate
-        local = self.moe.deepspeed_moe.experts.deepspeed_experts
+        install_gate(self.moe, gate)
+        local = local_experts(self.moe)
         for j, expert in enumerate(local):
             seed = zlib.crc32(f"{init_key}:expert{ep_rank * len(local) + j}".encode())
             with torch.random.fork_rng(devices=[]):
@@ -71,7 +72,7 @@ class MoEFeedForward(nn.Module):
 
     @property
     def gate(self) -> RouterGate:
-        return self.moe.deepspeed_moe.gate
+        return gate_of(self.moe)
 
     def forward(self, x: torch.Tensor, real: torch.Tensor, max_frames: int):
         call = RouteCall(real.reshape(-1), max_frames)

@@ -27,9 +27,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from deepspeed.moe.sharded_moe import TopKGate, gumbel_rsample, multiplicative_jitter
-
 from trainer import distributed
+from trainer.deepspeed_contract import TopKGate, gumbel_rsample, multiplicative_jitter
 
 
 @dataclass

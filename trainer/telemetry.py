@@ -1,4 +1,4 @@
-"""Routing telemetry and the metrics file.
+"""Routing telemetry, running training sums, and the run's log: console, metrics file and DeepSpeed's monitor.
 
 Per MoE layer, over a dev set: expert load fractions, mean router entropy, dropped-route fraction, capacity
 used; and for every pair of adjacent MoE layers the normalised mutual information of their top-1 choices,
@@ -120,3 +120,49 @@ class MetricsFile:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row, allow_nan=True) + "\n")
 
+
+
+class RunLogger:
+    """One row, three sinks: the console (rank 0), ``metrics.jsonl`` and DeepSpeed's monitor (TensorBoard, CSV,
+    W&B as the DeepSpeed config enables them)."""
+
+    def __init__(self, out_dir: Path, monitor, max_steps: int):
+        self.rank0 = distributed.rank() == 0
+        self.metrics = MetricsFile(Path(out_dir) / "metrics.jsonl", self.rank0)
+        self.monitor, self.max_steps = monitor, max_steps
+
+    def _monitor(self, step: int, values: dict):
+        if self.monitor.enabled and self.rank0:
+            self.monitor.write_events([(k, float(v), step) for k, v in values.items()])
+
+    def train(self, row: dict, eta_s: float):
+        drops = " ".join(f"{100 * x:.1f}" for x in row["dropped_per_layer"])
+        distributed.log0(
+            f"step {row['step']}/{self.max_steps} ep {row['epoch']} loss {row['loss']:.4f} ctc {row['ctc']:.4f} "
+            f"lb {row['lb']:.3f} z {row['z']:.3f} lr {row['lr']:.2e} |g| {row['grad_norm'] or 0:.2f} "
+            f"{row['frames_per_s']:,.0f} frames/s " + (f"dropped% [{drops}] " if drops else "")
+            + f"ETA {eta_s / 60:.1f} min")
+        self.metrics.write(row)
+        self._monitor(row["step"], {f"train/{k}": v for k, v in row.items()
+                                    if k not in ("kind", "step", "dropped_per_layer") and v is not None})
+
+    def evaluation(self, result: dict):
+        for name, r in result["sets"].items():
+            distributed.log0(f"dev {name}: loss {r['loss']:.4f}  WER {r['wer']:.2f}%  ({r['utterances']} utterances)")
+        distributed.log0(f"dev mean WER {result['mean_wer']:.2f}% over {len(result['sets'])} set(s) at step "
+                         f"{result['step']}")
+        layers = result["routing"]["layers"]
+        for i, layer in enumerate(layers):
+            load = " ".join(f"{x:.2f}" for x in layer["load"])
+            distributed.log0(f"  MoE layer {i}: load [{load}] entropy {layer['entropy']:.3f} dropped "
+                             f"{100 * layer['dropped']:.1f}% capacity used {100 * layer['capacity_used']:.0f}%")
+        if result["routing"]["adjacent_nmi"]:
+            distributed.log0("  adjacent-layer NMI of expert choices: "
+                             + " ".join(f"{x:.3f}" for x in result["routing"]["adjacent_nmi"]))
+        self.metrics.write(result)
+        values = {f"dev/{name}/{k}": r[k] for name, r in result["sets"].items() for k in ("loss", "wer")}
+        values.update({"dev/mean_wer": result["mean_wer"]}, **{
+            f"routing/layer{i}/{k}": layer[k] for i, layer in enumerate(layers)
+            for k in ("entropy", "dropped", "capacity_used")})
+        values.update({f"routing/nmi_{i}_{i + 1}": x for i, x in enumerate(result["routing"]["adjacent_nmi"])})
+        self._monitor(result["step"], values)

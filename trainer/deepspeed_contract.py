@@ -1,0 +1,68 @@
+"""Every place the trainer relies on DeepSpeed 0.19.8 beyond its documented API, in one module.
+
+When the DeepSpeed pin moves, check each item against the new source (``deepspeed/moe/``,
+``deepspeed/runtime/engine.py``, ``deepspeed/runtime/lr_schedules.py``) and run the tests:
+
+* ``deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"]``: switching it off before ``init_distributed``
+  skips a JIT C++ build that only inference all-reduce uses (``comm/torch.py`` builds it at start-up).
+* ``MoE.deepspeed_moe`` is the ``MOELayer``; its ``gate`` attribute is replaced by ours, and its experts live in
+  ``deepspeed_moe.experts.deepspeed_experts`` (a ``ModuleList`` of deep copies of one module).
+* ``MOELayer.forward`` calls ``gate(tokens, used_token, sparse_routes=True, use_tutel)`` and passes the
+  ``used_token`` argument of ``MoE.forward`` through untouched (we pass a ``RouteCall`` in it); the gate returns
+  the 7-tuple ``(l_aux, capacity, num_experts, indices [k, S] int32 with -1 for a dropped route, locations
+  [k, S] int32, gates [k, S], expert_counts [E])``.
+* ``TopKGate`` (its ``wg``, ``k``, ``capacity_factor``, ``min_capacity``, ``drop_tokens``,
+  ``noisy_gate_policy``, ``top2_2nd_expert_sampling`` attributes and ``_set_ep_group``), ``gumbel_rsample`` and
+  ``multiplicative_jitter`` in ``moe/sharded_moe.py``.
+* Parameter names: an expert's parameters are named ``...deepspeed_experts.<j>....`` (local index j in the
+  engine, global id in the checkpoint files).
+* Checkpoint files: ``mp_rank_00_model_states.pt`` holds the non-expert weights and the client state, and
+  ``layer_{L}_expert_{E}_mp_rank_00_model_states.pt`` one expert by MoE-layer index and *global* expert id,
+  whatever the ep_size.
+* The expert-parallel group of rank r holds ranks ``r // ep_size * ep_size ...`` (consecutive ranks), so the
+  rank's place in it is ``r % ep_size`` (``utils/groups.py``, ``use_data_before_expert_parallel_=False``).
+* The config schedulers' ``step(last_batch_iteration)`` sets their position; after n optimizer steps it is n - 1.
+"""
+import re
+
+import deepspeed.ops
+from deepspeed.moe.sharded_moe import TopKGate, gumbel_rsample, multiplicative_jitter
+
+__all__ = ["TopKGate", "gumbel_rsample", "multiplicative_jitter"]  # re-exported for trainer.routing
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_" + re.escape(MODEL_STATES))
+EXPERT_PARAM = re.compile(r"\.deepspeed_experts\.(\d+)\.")  # in a parameter name: the expert's (local) index
+
+
+def skip_shm_comm_build():
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def expert_file(layer: int, expert: int) -> str:
+    return f"layer_{layer}_expert_{expert}_{MODEL_STATES}"
+
+
+def install_gate(moe, gate):
+    """Put ``gate`` in DeepSpeed's ``MoE`` layer in place of the one it built."""
+    moe.deepspeed_moe.gate = gate
+
+
+def gate_of(moe):
+    return moe.deepspeed_moe.gate
+
+
+def local_experts(moe):
+    """This rank's experts of a DeepSpeed ``MoE`` layer, in local order."""
+    return moe.deepspeed_moe.experts.deepspeed_experts
+
+
+def ep_rank(rank: int, ep_size: int) -> int:
+    """A rank's place in its expert-parallel group: its local experts are global ``ep_rank * n_local + j``."""
+    return rank % ep_size
+
+
+def set_schedule_position(lr_scheduler, steps: int):
+    """Put a config scheduler where it is after ``steps`` optimizer steps (not restarting its warm-up)."""
+    if lr_scheduler is not None and steps > 0:
+        lr_scheduler.step(steps - 1)

@@ -1,0 +1,201 @@
+"""The training loop: epochs over batches over steps, with evaluations, checkpoints and agreed stops.
+
+It owns no policy of its own beyond the loop: the checkpointer decides what is saved and kept and how a run
+resumes (``checkpoint.Checkpointer``), the logger writes every row (``telemetry.RunLogger``), the objective
+normalises the loss (``objective``), and evaluation scores the dev sets (``evaluation``).
+"""
+import json
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer import distributed
+from trainer.checkpoint import Checkpointer, Record
+from trainer.config import ProjectConfig, batch_plan, resolve_ep_size
+from trainer.data import SamplerState, SpeechDataset, length_batches, loader, padding_fraction, train_batches
+from trainer.distributed import log0
+from trainer.engine import step_loss
+from trainer.evaluation import evaluate_dev_sets
+from trainer.model import moe_blocks
+from trainer.telemetry import RunLogger, TrainMeter
+
+REQUEUE = 75  # exit status after a signal-requested stop and save: "temporary failure, run me again"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (for example, too many non-finite losses in a row); a checkpoint was saved."""
+
+
+class StopSignal:
+    """SIGTERM and SIGUSR1 (what SLURM sends before a time limit or preemption) set a flag; the ranks agree
+    on it at the next step, so all of them stop at the same step boundary."""
+
+    def __init__(self):
+        self.received = ""
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.received = signal.Signals(signum).name
+
+
+@dataclass
+class StepResult:
+    """What one micro-batch did, as every rank agrees."""
+    boundary: bool  # the last micro-batch of an optimizer step
+    skipped: bool  # not trained on (a non-finite loss on some rank)
+    stopping: bool  # a stop was requested on some rank
+
+
+class Trainer:
+    """The training loop around one DeepSpeed engine."""
+
+    def __init__(self, engine, project: ProjectConfig, train_set: SpeechDataset, dev_sets: dict, tokenizer,
+                 out_dir: str):
+        self.engine, self.project, self.train_set, self.dev_sets = engine, project, train_set, dev_sets
+        self.tokenizer, self.out_dir = tokenizer, Path(out_dir)
+        self.checkpointer = Checkpointer(engine, self.out_dir, project.run.keep_last)
+        self.logger = RunLogger(self.out_dir, engine.monitor, project.run.max_steps)
+        self.plan = batch_plan(project.data, distributed.world())
+        self.moe_layers = len(moe_blocks(project.model, project.moe))
+        self.state = SamplerState()
+        self.bad_in_a_row = self.skipped_steps = 0
+        self.history = []
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def save(self) -> str:
+        world = distributed.world()
+        return self.checkpointer.save(Record(
+            project_config=self.project.model_dump(), step=self.engine.global_steps, epoch=self.state.epoch,
+            position=self.state.position, world_size=world, ep_size=resolve_ep_size(self.project.moe, world)))
+
+    def resume(self, reset_optimizer: bool = False) -> bool:
+        """Continue from the newest usable checkpoint, if any (see ``Checkpointer.resume``)."""
+        world = distributed.world()
+        record = self.checkpointer.resume(world, resolve_ep_size(self.project.moe, world), reset_optimizer)
+        if record is not None:
+            self.state = SamplerState(record.epoch, record.position)
+        return record is not None
+
+    # -- training ----------------------------------------------------------------------------------------
+    def fit(self) -> int:
+        """Train to run.max_steps; 0 when done, REQUEUE when stopped by a signal (after saving)."""
+        utts = self.train_set.utts
+        all_batches = length_batches(utts, self.plan.micro_frames)
+        log0(f"{self.plan.describe()}; {len(all_batches)} micro-batches per epoch, padding "
+             f"{100 * padding_fraction(utts, all_batches):.1f}% of frames")
+        stop, started, first_step = StopSignal(), time.time(), self.engine.global_steps
+        self.meter = TrainMeter(self.moe_layers)  # sums between two log lines, across epoch boundaries
+        while self.engine.global_steps < self.project.run.max_steps:
+            if self.train_epoch(stop, started, first_step) == REQUEUE:
+                return REQUEUE
+        result = self.evaluate_and_save()
+        if distributed.rank() == 0:
+            (self.out_dir / "results.json").write_text(json.dumps({"train": self.history, "dev": result}, indent=1))
+        return 0
+
+    def train_epoch(self, stop: StopSignal, started: float, first_step: int):
+        """The rest of this epoch (from the data position); REQUEUE after a stop is agreed and saved."""
+        engine, run = self.engine, self.project.run
+        rank, world = distributed.rank(), distributed.world()
+        batches = train_batches(self.train_set.utts, self.plan.micro_frames, run.seed, self.state.epoch, rank, world)
+        if not batches:
+            raise TrainingError(f"{world} ranks and {self.plan.micro_frames} frames per micro-batch leave no "
+                                f"training batch for every rank ({len(self.train_set)} utterances)")
+        self.train_set.epoch, skipped = self.state.epoch, 0
+        engine.train()
+        for batch in loader(self.train_set, batches[self.state.position:], self.project.data.num_workers):
+            self.state.position += 1
+            skipped += batch["skipped"]
+            result = self.train_step(batch, self.meter, bool(stop.received))
+            step = engine.global_steps
+            if result.stopping and (result.boundary or result.skipped):
+                log0(f"stop requested ({stop.received or 'by another rank'}): saving at step {step}")
+                self.save()
+                return REQUEUE
+            if not result.boundary or result.skipped:
+                continue
+            if step % run.log_every == 0 or step == run.max_steps:
+                self.log_train(self.meter, step, first_step, started)
+                self.meter = TrainMeter(self.moe_layers)
+            if step >= run.max_steps:
+                break
+            if run.eval_every and step % run.eval_every == 0:
+                self.evaluate_and_save()
+                engine.train()
+            elif run.save_every and step % run.save_every == 0:
+                self.save()
+        report_skipped(skipped, self.state.epoch)
+        if self.state.position == len(batches):
+            self.state.epoch, self.state.position = self.state.epoch + 1, 0
+        return 0
+
+    def train_step(self, batch: dict, meter: TrainMeter, stop_requested: bool) -> StepResult:
+        """One micro-batch, agreed by all ranks.
+
+        A non-finite loss on any rank skips the batch on every rank before backward. A non-finite gradient
+        with a finite loss is caught by DeepSpeed's ZeRO optimizer, which skips the step on every rank (the
+        global norm is reduced over expert and non-expert groups alike); it is counted here the same way."""
+        engine = self.engine
+        loss, out, totals = step_loss(engine, self.project, batch, stop_requested)
+        boundary = engine.is_gradient_accumulation_boundary()  # DeepSpeed advances it in step()
+        if totals.bad_loss:
+            self.count_bad_step("loss")
+            return StepResult(boundary, True, totals.stop)
+        engine.backward(loss.total)
+        engine.step()
+        if boundary and not engine.was_step_applied():
+            self.count_bad_step("gradient")
+        else:
+            self.bad_in_a_row = 0
+            meter.add(int(batch["lengths"].sum()), loss, out.routing)
+        return StepResult(boundary, False, totals.stop)
+
+    def count_bad_step(self, what: str):
+        """A skipped batch or step; more than run.max_bad_steps in a row stop the run with a checkpoint."""
+        self.bad_in_a_row += 1
+        self.skipped_steps += 1
+        log0(f"step {self.engine.global_steps}: non-finite {what} on some rank, "
+             f"{'batch' if what == 'loss' else 'update'} skipped on all "
+             f"({self.bad_in_a_row} in a row, {self.skipped_steps} in all)")
+        if self.bad_in_a_row > self.project.run.max_bad_steps:
+            tag = self.save()
+            raise TrainingError(f"{self.bad_in_a_row} non-finite losses or gradients in a row (run.max_bad_steps="
+                                f"{self.project.run.max_bad_steps}); the last good state is "
+                                f"{self.checkpointer.dir / tag}")
+
+    def log_train(self, meter: TrainMeter, step: int, first_step: int, started: float):
+        m = meter.reduce()  # a collective: every rank logs at the same step
+        fps = m.pop("input_frames") / max(m.pop("elapsed"), 1e-9)  # input frames (10 ms), all ranks
+        eta = (time.time() - started) / max(step - first_step, 1) * (self.project.run.max_steps - step)
+        norm = self.engine.get_global_grad_norm()  # of the last step, before clipping
+        row = {"kind": "train", "step": step, "epoch": self.state.epoch, **m, "lr": self.engine.get_lr()[0],
+               "grad_norm": None if norm is None else float(norm), "frames_per_s": fps,
+               "skipped_steps": self.skipped_steps}
+        self.history.append(row)
+        self.logger.train(row, eta)
+
+    # -- evaluation --------------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """Every dev set, logged (loss, WER, routing telemetry)."""
+        data = self.project.data
+        result = evaluate_dev_sets(self.engine, self.dev_sets, self.tokenizer, self.plan.micro_frames,
+                                   data.num_workers, self.moe_layers, self.project.moe.num_experts)
+        self.logger.evaluation(result)
+        return result
+
+    def evaluate_and_save(self) -> dict:
+        result = self.evaluate()
+        self.checkpointer.note_evaluation(result["mean_wer"])
+        self.save()
+        return result
+
+
+def report_skipped(skipped: int, epoch: int):
+    """All ranks' count of utterances whose audio failed to decode in this epoch (a collective call)."""
+    total = int(distributed.sum_over_ranks({"skipped": torch.tensor([float(skipped)])})["skipped"][0])
+    if total:
+        log0(f"epoch {epoch}: skipped {total} utterances whose audio could not be read")
