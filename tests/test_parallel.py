@@ -90,3 +90,28 @@ def test_global_grad_norm_with_ep2_equals_ep1(stage):
     norms = run_ranks(_grad_norm, 2, stage)
     assert ref > 0.5  # clipping is active at this norm
     assert norms[0] == pytest.approx(ref, rel=1e-5) and norms[1] == pytest.approx(ref, rel=1e-5)
+
+
+def _dropless_and_capacity(mode):
+    """On this rank: loss and full gradients of capacity mode (nothing dropped) and of dropless mode."""
+    from deepspeed.utils import safe_get_full_grad
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = []
+    for dropless in (False, True):
+        project = tiny_project(mode, 1, drop_tokens=False, dropless=dropless)
+        model = build_model(project, VOCAB)
+        fill_weights(model, ep_rank=rank, n_local=4 // world)
+        engine = build_engine(ds_dict(stage=1), project, model)
+        loss, out, _ = step_loss(engine, project, batch(**SHARDS[rank]))
+        engine.backward(loss.total)
+        results.append((float(loss.total), {n: safe_get_full_grad(p).detach().clone()
+                                             for n, p in engine.module.named_parameters()}))
+    return results
+
+
+@pytest.mark.parametrize("mode", ["omni", "switch"])
+def test_dropless_equals_capacity_mode_on_two_expert_parallel_ranks(mode):
+    for (loss_cap, grads_cap), (loss_free, grads_free) in run_ranks(_dropless_and_capacity, 2, mode):
+        assert loss_free == pytest.approx(loss_cap, rel=1e-5)
+        for name, g in grads_cap.items():
+            torch.testing.assert_close(grads_free[name], g, rtol=1e-4, atol=1e-6, msg=name)

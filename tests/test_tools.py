@@ -12,7 +12,7 @@ def test_bench_step_prints_a_row_per_mode_and_the_ratio(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for mode in ("dense", "switch", "omni"):
         assert any(line.startswith(mode) and "," in line for line in proc.stdout.splitlines()), proc.stdout
-    assert "omni/switch step-time ratio:" in proc.stdout
+    assert "omni/switch step-time ratio:" in proc.stdout and "switch/dense step-time ratio:" in proc.stdout
 
 
 def test_bench_data_prints_throughput_and_profile(corpus):
@@ -21,3 +21,11 @@ def test_bench_data_prints_throughput_and_profile(corpus):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x real time" in proc.stdout and "log-mel" in proc.stdout and "padding" in proc.stdout
     assert len([ln for ln in proc.stdout.splitlines() if ln.strip().startswith(("0 ", "2 "))]) == 2
+
+
+def test_bench_moe_layer_prints_a_ratio_per_variant(tmp_path):
+    proc = run_tool("tools/bench_moe_layer.py", "--experts", "4", "--tokens", "256", "--d_model", "32", "--ffn",
+                    "64", "--rounds", "1", "--steps", "1", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [row] = [line.split() for line in proc.stdout.splitlines() if line.split()[:2] == ["4", "256"]]
+    assert len(row) == 6 and all(x.endswith("x") for x in row[3:])

@@ -29,6 +29,7 @@ def parse_args():
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode per round")
     p.add_argument("--ep", default="auto", help="ep_size ('auto' or an int)")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--dropless", action="store_true", help="switch and omni in dropless mode")
     p.add_argument("--local_rank", type=int, default=-1)
     return p.parse_args()
 
@@ -57,7 +58,7 @@ def main():
     ep = args.ep if args.ep == "auto" else int(args.ep)
     engines = {}
     for mode in args.modes.split(","):
-        project = with_overrides(base, moe={"mode": mode, "ep_size": ep},
+        project = with_overrides(base, moe={"mode": mode, "ep_size": ep, "dropless": args.dropless},
                                  data={"batch_frames": args.frames * distributed.world(), "max_frames_per_rank": 0})
         model = build_model(project, 256)
         engines[mode] = (build_engine(ds, project, model), project)
@@ -88,9 +89,10 @@ def main():
             spread = (max(times[mode]) - min(times[mode])) * 1000
             n = sum(p.numel() for p in engine.module.parameters())
             print(f"{mode:8} {n:>12,} {ms:9.1f} {spread:10.1f} {frames / ms * 1000:10,.0f}")
-        if "omni" in times and "switch" in times:
-            ratio = statistics.median(times["omni"]) / statistics.median(times["switch"])
-            print(f"omni/switch step-time ratio: {ratio:.3f}")
+        med = {m: statistics.median(t) for m, t in times.items()}
+        for a, b in (("switch", "dense"), ("omni", "dense"), ("omni", "switch")):
+            if a in med and b in med:
+                print(f"{a}/{b} step-time ratio: {med[a] / med[b]:.3f}")
 
 
 if __name__ == "__main__":

@@ -4,12 +4,16 @@
     python tools/transcribe.py --model models/omni --manifest test.jsonl --out hyps.jsonl --device cuda
 
 Prints ``path<TAB>text`` per utterance; ``--out`` writes JSON lines (audio_filepath, text; the reference as
-``ref`` when the manifest has one).
+``ref`` when the manifest has one). Prints its throughput (seconds of audio per second) on stderr; set
+``OMP_NUM_THREADS`` for the number of CPU threads.
 """
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 from trainer.export import CheckpointError
 from trainer.inference import Recognizer, audio_utterances
@@ -38,7 +42,12 @@ def main(argv=None) -> int:
     except (CheckpointError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    started = time.perf_counter()
     texts = recognizer.transcribe(utts, args.max_frames, args.workers)
+    elapsed = time.perf_counter() - started
+    audio_s = sum(u.duration for i, u in enumerate(utts) if i in texts)
+    print(f"{audio_s:.1f} s of audio in {elapsed:.1f} s: {audio_s / max(elapsed, 1e-9):.1f} s of audio per second "
+          f"({torch.get_num_threads()} thread(s), {args.device})", file=sys.stderr)
     rows = [{"audio_filepath": u.audio, "text": texts[i], **({"ref": u.text} if u.text else {})}
             for i, u in enumerate(utts) if i in texts]
     for row in rows:

@@ -50,6 +50,7 @@ class MoEConfig(_Strict):
                           "and inference never drop")
     min_capacity: int = Field(4, description="least capacity per expert in training")
     drop_tokens: bool = Field(True, description="false: training capacity is the busiest expert's count (no drop)")
+    dropless: bool = Field(False, description="no capacity buffer: every route computed, split-size all-to-all")
     noisy_gate_policy: Optional[Literal["Jitter", "RSample"]] = Field(
         None, description="Jitter: router input times U(0.99, 1.01); RSample (top-1): Gumbel-sampled choice")
     second_expert_sampling: bool = Field(False, description="top-2: sample the second expert with Gumbel noise")

@@ -5,8 +5,10 @@ When the DeepSpeed pin moves, check each item against the new source (``deepspee
 
 * ``deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"]``: switching it off before ``init_distributed``
   skips a JIT C++ build that only inference all-reduce uses (``comm/torch.py`` builds it at start-up).
-* ``MoE.deepspeed_moe`` is the ``MOELayer``; its ``gate`` attribute is replaced by ours, and its experts live in
-  ``deepspeed_moe.experts.deepspeed_experts`` (a ``ModuleList`` of deep copies of one module).
+* ``MoE.deepspeed_moe`` is the ``MOELayer``; its ``gate`` and ``experts`` attributes are replaced by ours;
+  ``Experts.__init__`` marks expert parameters (``allreduce = False``, ``group_name``) and holds them in
+  ``experts.deepspeed_experts`` (a ``ModuleList`` of deep copies of one module); ``MOELayer`` calls
+  ``experts(buffer)`` with the dispatched buffer shaped [ep_size, num_local_experts, capacity, d_model].
 * ``MOELayer.forward`` calls ``gate(tokens, used_token, sparse_routes=True, use_tutel)`` and passes the
   ``used_token`` argument of ``MoE.forward`` through untouched (we pass a ``RouteCall`` in it); the gate returns
   the 7-tuple ``(l_aux, capacity, num_experts, indices [k, S] int32 with -1 for a dropped route, locations
@@ -46,6 +48,11 @@ def expert_file(layer: int, expert: int) -> str:
 def install_gate(moe, gate):
     """Put ``gate`` in DeepSpeed's ``MoE`` layer in place of the one it built."""
     moe.deepspeed_moe.gate = gate
+
+
+def install_experts(moe, experts):
+    """Put ``experts`` (an ``Experts`` subclass built for the same local count and group) in place of DeepSpeed's."""
+    moe.deepspeed_moe.experts = experts
 
 
 def gate_of(moe):

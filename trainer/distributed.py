@@ -104,3 +104,34 @@ def sum_over_ranks(values: dict[str, torch.Tensor], group: Optional[object] = No
         out[k] = flat[at:at + n].view(values[k].shape)
         at += n
     return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with split sizes; its gradient is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits: list, in_splits: list, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        back = grad.new_empty((sum(in_splits),) + tuple(grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return back, None, None, None
+
+
+def all_to_all(x: torch.Tensor, out_splits: list, in_splits: list, group) -> torch.Tensor:
+    """Rows ``x`` split by ``in_splits`` to the group's ranks in order; receive ``out_splits`` rows from each
+    (differentiable)."""
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+def exchange_counts(counts_GX: torch.Tensor, group) -> torch.Tensor:
+    """Row g of ``counts_GX`` goes to rank g of the group; returns the rows received, one per source rank."""
+    received = torch.empty_like(counts_GX, device=device())
+    dist.all_to_all_single(received, counts_GX.to(device()).contiguous(), group=group)
+    return received.to(counts_GX.device)

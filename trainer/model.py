@@ -14,7 +14,8 @@ from deepspeed.moe.layer import MoE
 
 from trainer import distributed
 from trainer.config import ModelConfig, MoEConfig
-from trainer.deepspeed_contract import gate_of, install_gate, local_experts
+from trainer.deepspeed_contract import gate_of, install_experts, install_gate, local_experts
+from trainer.experts import GroupedExperts, dropless_moe
 from trainer.routing import RouteCall, RouterGate, RoutingStats
 
 BLANK = 0
@@ -49,18 +50,23 @@ class DenseFeedForward(nn.Sequential):
 
 
 class MoEFeedForward(nn.Module):
-    """DeepSpeed's MoE layer with our gate swapped in: (x, real) -> (y, RoutingStats of this call).
+    """DeepSpeed's MoE layer with our gate and grouped experts swapped in: (x, real) -> (y, RoutingStats).
 
-    DeepSpeed deep-copies one expert module, so every expert would start equal; each local expert is
-    re-initialised from (seed, layer, global expert id) instead, so the experts differ from step 0 and the
-    model is the same whatever the ep_size (experts live on ranks ep_rank * n_local + j)."""
+    Capacity mode runs DeepSpeed's MOELayer (capacity buffer, all-to-all of equal shapes) with the local
+    experts computed as one batched matmul; ``moe.dropless`` computes exactly the routed frames instead
+    (``experts.dropless_moe``). DeepSpeed deep-copies one expert module, so every expert would start equal;
+    each local expert is re-initialised from (seed, layer, global expert id) instead, so the experts differ from
+    step 0 and the model is the same whatever the ep_size (experts live on ranks ep_rank * n_local + j)."""
 
     def __init__(self, d_model: int, ffn_dim: int, moe: MoEConfig, ep_size: int, ep_rank: int, gate: RouterGate,
                  init_key: str):
         super().__init__()
+        self.dropless, self.num_experts = moe.dropless, moe.num_experts
         self.moe = MoE(d_model, feed_forward(d_model, ffn_dim), num_experts=moe.num_experts, ep_size=ep_size,
                        k=moe.top_k, use_rts=False, drop_tokens=moe.drop_tokens)
         install_gate(self.moe, gate)
+        install_experts(self.moe, GroupedExperts(feed_forward(d_model, ffn_dim), moe.num_experts // ep_size,
+                                                 self.moe.expert_group_name))
         local = local_experts(self.moe)
         for j, expert in enumerate(local):
             seed = zlib.crc32(f"{init_key}:expert{ep_rank * len(local) + j}".encode())
@@ -75,9 +81,15 @@ class MoEFeedForward(nn.Module):
         return gate_of(self.moe)
 
     def forward(self, x: torch.Tensor, real: torch.Tensor, max_frames: int):
-        call = RouteCall(real.reshape(-1), max_frames)
-        y, _, _ = self.moe(x, call)
-        return y, call.stats
+        call = RouteCall(real.reshape(-1), max_frames, dropless=self.dropless)
+        if not self.dropless:
+            y, _, _ = self.moe(x, call)
+            return y, call.stats
+        x_SD = x.reshape(-1, x.shape[-1])
+        (_, _, _, indices_KS, _, gates_KS, _), stats = self.gate.decide(x_SD, call)
+        y_SD = dropless_moe(x_SD, indices_KS, gates_KS, local_experts(self.moe), self.num_experts,
+                            self.gate.ep_group, self.moe.ep_size)
+        return y_SD.view_as(x), stats
 
 
 class Block(nn.Module):
@@ -159,7 +171,7 @@ class CTCModel(nn.Module):
         every MoE layer): training capacity is sized from it. A host sync and, with experts on several ranks,
         one all-reduce; none for dense."""
         routers = self.routers()
-        if not routers or not self.training or not self.moe_cfg.drop_tokens:
+        if not routers or not self.training or not self.moe_cfg.drop_tokens or self.moe_cfg.dropless:
             return 0
         return distributed.group_max(int(real.sum()), routers[0].ep_group)
 

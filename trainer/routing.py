@@ -56,6 +56,7 @@ class RouteCall:
     """The per-call input that rides in ``MOELayer``'s ``used_token`` slot, and the call's statistics back."""
     real_S: torch.Tensor  # bool, False for padding
     max_frames: int  # largest real-frame count of one rank in the expert-parallel group (training capacity)
+    dropless: bool = False  # no capacity at all: every route is computed (trainer.experts.dropless_moe)
     stats: Optional[RoutingStats] = None
 
 
@@ -71,22 +72,28 @@ class RouterGate(TopKGate):
                                "every MoE layer that shares it must use the same ep_size")
 
     def forward(self, input, used_token=None, sparse_routes=True, use_tutel=False):
+        """MOELayer's call (capacity mode): the 7-tuple; the statistics go back in the RouteCall."""
         if not sparse_routes or use_tutel or not isinstance(used_token, RouteCall):
             raise NotImplementedError("RouterGate is called by MoEFeedForward with a RouteCall, sparse routes only")
-        call = used_token
+        out, used_token.stats = self.decide(input, used_token)
+        return out
+
+    def decide(self, input: torch.Tensor, call: RouteCall):
+        """(7-tuple, RoutingStats) for S frames [S, D]."""
         x = input.float()
         if self.noisy_gate_policy == "Jitter" and self.training:
             x = multiplicative_jitter(x, device=x.device)
         logits_SE = F.linear(x, self.wg.weight.float())
         sample = self.training and (self.noisy_gate_policy == "RSample" or
                                     (self.k == 2 and self.top2_2nd_expert_sampling))
-        if self.training and self.drop_tokens:
+        if call.dropless:
+            capacity = DROPLESS
+        elif self.training and self.drop_tokens:
             capacity = train_capacity(call.max_frames, logits_SE.shape[1], self.k, self.capacity_factor,
                                       self.min_capacity)
         else:
             capacity = None  # no drop: the busiest expert of the group sets it
-        out, call.stats = route(logits_SE, call.real_S, self.k, capacity, sample, self.ep_group)
-        return out
+        return route(logits_SE, call.real_S, self.k, capacity, sample, self.ep_group)
 
 
 def router_probs(logits_SE: torch.Tensor) -> torch.Tensor:
@@ -136,36 +143,49 @@ def train_capacity(max_frames: int, num_experts: int, k: int, capacity_factor: f
     return max(math.ceil(max_frames / num_experts * capacity_factor * k), min_capacity, 1)
 
 
+def _counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 routes per expert."""
+    return torch.bincount(experts.reshape(-1), minlength=num_experts)
+
+
+DROPLESS = -1  # route()'s capacity for the dropless dispatch: no buffer, nothing dropped, no collective
+
+
 def route(logits_SE: torch.Tensor, real_S: torch.Tensor, k: int, capacity: Optional[int], sample: bool,
           ep_group=None):
     """Route S frames to E experts; return ``MOELayer``'s 7-tuple and the call's ``RoutingStats``.
 
-    ``capacity`` None means no drop: the busiest expert over the expert-parallel group sets it (a collective)."""
+    ``capacity`` None means no drop in a capacity buffer: the busiest expert over the expert-parallel group sets
+    it (a collective); ``DROPLESS`` means no buffer at all (the recorded capacity is the local busiest)."""
     S, E = logits_SE.shape
     probs_SE = router_probs(logits_SE)
     indices_KS = choose_experts(logits_SE, k, sample)
     gates_KS = gate_values(probs_SE, indices_KS)
-    slots_KS = assign_slots(indices_KS, probs_SE.gather(1, indices_KS.t()).t(), real_S, E)
-    placed_KS = slots_KS >= 0
-    if capacity is None:
-        busiest = F.one_hot(indices_KS[placed_KS], E).sum(0).max() if placed_KS.any() else slots_KS.new_zeros(())
-        capacity = max(distributed.group_max(int(busiest), ep_group), 1)
-    kept_KS = placed_KS & (slots_KS < capacity)
+    placed_KS = real_S.unsqueeze(0).expand_as(indices_KS)
+    placed_E = _counts(indices_KS[placed_KS], E)
+    if capacity == DROPLESS:  # no buffer: no places to assign, nothing dropped
+        capacity = max(int(placed_E.max()), 1)
+        kept_KS, slots_KS, kept_E = placed_KS, torch.zeros_like(indices_KS), placed_E
+    else:
+        if capacity is None:
+            capacity = max(distributed.group_max(int(placed_E.max()), ep_group), 1)
+        slots_KS = assign_slots(indices_KS, probs_SE.gather(1, indices_KS.t()).t(), real_S, E)
+        kept_KS = placed_KS & (slots_KS < capacity)
+        kept_E = _counts(indices_KS[kept_KS], E)
     out_indices_KS = torch.where(kept_KS, indices_KS, torch.full_like(indices_KS, -1)).to(torch.int32)
     out_slots_KS = torch.where(kept_KS, slots_KS, torch.zeros_like(slots_KS)).to(torch.int32)
-    kept_E = F.one_hot(indices_KS, E).mul(kept_KS.unsqueeze(-1)).sum((0, 1)).detach()
 
-    real_f = real_S.float()
-    choice_counts_E = (F.one_hot(indices_KS[0], E).float() * real_f.unsqueeze(1)).sum(0)
+    real_f = real_S.to(logits_SE.dtype)
     log_probs_SE = torch.log_softmax(logits_SE, dim=-1)
+    lse_S = torch.logsumexp(logits_SE, dim=-1)
     stats = RoutingStats(
-        prob_sum_E=(probs_SE * real_f.unsqueeze(1)).sum(0),
-        z_sum=(torch.logsumexp(logits_SE, dim=-1).square() * real_f).sum(),
-        choice_counts_E=choice_counts_E.detach(),
-        kept_E=kept_E,
-        entropy_sum=(-(probs_SE * log_probs_SE).sum(-1) * real_f).sum().detach(),
+        prob_sum_E=real_f @ probs_SE,
+        z_sum=lse_S.square() @ real_f,
+        choice_counts_E=_counts(indices_KS[0][real_S], E).float(),
+        kept_E=kept_E.detach(),
+        entropy_sum=(-(probs_SE * log_probs_SE).sum(-1) @ real_f).detach(),
         first_choice_S=torch.where(real_S, indices_KS[0], torch.full_like(indices_KS[0], -1)).detach(),
-        frames=real_f.sum().detach(), routes=placed_KS.sum().detach(),
-        dropped=(placed_KS & ~kept_KS).sum().detach(), capacity=capacity)
+        frames=real_f.sum().detach(), routes=placed_E.sum(), dropped=placed_E.sum() - kept_E.sum(),
+        capacity=capacity)
     gate_out = (stats.lb_loss(), capacity, E, out_indices_KS, out_slots_KS, gates_KS, kept_E)
     return gate_out, stats
