@@ -8,12 +8,12 @@ its sparse 7-tuple contract with ``MOELayer``, and routes in named steps (shape 
 K choices, D model width):
 
 1. ``router_probs``: fp32 logits and softmax;
-2. ``choose_experts``: top-k; with ``sample_second`` the second choice is drawn with Gumbel noise (GShard,
-   DeepSpeed's ``top2_2nd_expert_sampling``) and the first stays the argmax; ``RSample`` (top-1 only) samples
+2. ``choose_experts``: top-k; when sampling, top-2 draws the second choice with Gumbel noise (GShard,
+   DeepSpeed's ``top2_2nd_expert_sampling``) and keeps the first the argmax, and top-1 (``RSample``) samples
    the one choice, as DeepSpeed's ``top1gating`` does;
 3. ``assign_slots``: places in each expert's buffer, first choices before second choices, and within each
    by router probability (highest first: batch-prioritised routing), padding never placed;
-4. ``capacity``: training drops what exceeds ``ceil(k * capacity_factor * frames / E)`` with ``frames`` the
+4. ``train_capacity``: training drops what exceeds ``ceil(k * capacity_factor * frames / E)`` with ``frames`` the
    largest real-frame count in the expert-parallel group (one value for the forward, so every rank exchanges
    buffers of one shape); evaluation never drops (capacity = the group's busiest expert);
 5. ``gate_values``: the router probability of each kept choice (normalised over the two for top-2).
