@@ -5,8 +5,8 @@ import pytest
 import torch
 from deepspeed.moe.sharded_moe import top1gating, top2gating
 
-from trainer.routing import (RoutingStats, assign_slots, choose_experts, gate_values, route, router_probs,
-                             train_capacity)
+from trainer.routing import (RoutingStats, assign_slots, choose_experts, chosen_probs, gate_values, route,
+                             router_probs, train_capacity)
 
 
 def logits(S=40, E=4, seed=0) -> torch.Tensor:
@@ -25,7 +25,7 @@ def test_assign_slots_places_every_first_choice_before_any_second_choice():
     x = logits(S=30)
     probs = router_probs(x)
     idx = choose_experts(x, 2, sample=False)
-    slots = assign_slots(idx, probs.gather(1, idx.t()).t(), torch.ones(30, dtype=torch.bool), 4)
+    slots = assign_slots(idx, chosen_probs(probs, idx), torch.ones(30, dtype=torch.bool), 4)
     for e in range(4):
         first, second = slots[0][idx[0] == e], slots[1][idx[1] == e]
         assert sorted(torch.cat([first, second]).tolist()) == list(range(len(first) + len(second)))
@@ -88,8 +88,9 @@ def test_rsample_samples_the_one_top1_choice_and_top2_keeps_the_argmax_first():
 
 def test_gate_values_top1_is_the_probability_top2_normalises():
     probs = torch.tensor([[0.5, 0.3, 0.2]])
-    assert gate_values(probs, torch.tensor([[0]])).tolist() == [[0.5]]
-    torch.testing.assert_close(gate_values(probs, torch.tensor([[0], [1]])), torch.tensor([[0.625], [0.375]]))
+    assert gate_values(chosen_probs(probs, torch.tensor([[0]]))).tolist() == [[0.5]]
+    torch.testing.assert_close(gate_values(chosen_probs(probs, torch.tensor([[0], [1]]))),
+                               torch.tensor([[0.625], [0.375]]))
 
 
 def test_routing_stats_lb_loss_is_balanced_at_one():

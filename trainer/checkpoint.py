@@ -12,7 +12,7 @@ import math
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -186,8 +186,7 @@ class Checkpointer:
     def save(self, record: Record) -> str:
         keep = {self.best["tag"]} if self.best["tag"] else set()
         extra = [f for f in (self.out_dir / TOKENIZER, self.out_dir / CMVN) if f.exists()]
-        tag = save(self.engine, self.dir, Record(**{**asdict(record), "best": self.best}), self.keep_last, keep,
-                   extra)
+        tag = save(self.engine, self.dir, replace(record, best=self.best), self.keep_last, keep, extra)
         distributed.log0(f"saved checkpoint {self.dir / tag}")
         return tag
 

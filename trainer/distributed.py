@@ -12,7 +12,7 @@ Two rules keep multi-rank runs from crashing or hanging:
 Nothing else in the package calls ``torch.distributed`` directly; DeepSpeed's engine makes its own calls.
 """
 import os
-from typing import Callable, Optional
+from typing import Callable
 
 import deepspeed
 import torch
@@ -89,14 +89,14 @@ def group_max(value: int, group) -> int:
     return int(t.item())
 
 
-def sum_over_ranks(values: dict[str, torch.Tensor], group: Optional[object] = None) -> dict[str, torch.Tensor]:
+def sum_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Keyed all-reduce: every tensor summed over the ranks in one collective (float64 on the collective
     device), returned on the CPU in the same shapes. Every rank must pass the same keys and shapes."""
     keys = sorted(values)
     flat = torch.cat([values[k].detach().reshape(-1).to(torch.float64).cpu() for k in keys])
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
+    if world() > 1:
         on_device = flat.to(device())
-        dist.all_reduce(on_device, group=group)
+        dist.all_reduce(on_device)
         flat = on_device.cpu()
     out, at = {}, 0
     for k in keys:

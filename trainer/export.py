@@ -9,7 +9,7 @@ tokenizer (and global CMVN statistics when the run used them).
 """
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -169,9 +169,8 @@ def to_deepspeed(src: str, ep_size: int, out_dir: str) -> Path:
         for e, sd in experts[block].items():
             torch.save(sd, ckpt_dir / tag / expert_file(layer, e))
     keep = {k: v for k, v in saved.items() if k not in ("optimizer", "lr_scheduler", "module")}
-    record = checkpoint.Record.from_saved(saved)
-    record = checkpoint.Record(**{**asdict(record), "project_config": project, "ep_size": ep_size,
-                                  "world_size": None, "optimizer_state": False})
+    record = replace(checkpoint.Record.from_saved(saved), project_config=project, ep_size=ep_size, world_size=None,
+                     optimizer_state=False)
     torch.save({**keep, **record.client_state(), "module": module, "optimizer": None, "lr_scheduler": None},
                ckpt_dir / tag / MODEL_STATES)
     for name, path in run_files(tag_dir).items():

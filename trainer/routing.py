@@ -112,9 +112,14 @@ def choose_experts(logits_SE: torch.Tensor, k: int, sample: bool) -> torch.Tenso
     return torch.stack([first_S, second_S])
 
 
-def gate_values(probs_SE: torch.Tensor, indices_KS: torch.Tensor) -> torch.Tensor:
-    """[K, S] router probability of each choice; for top-2 normalised over the two (GShard)."""
-    gates_KS = probs_SE.gather(1, indices_KS.t()).t()
+def chosen_probs(probs_SE: torch.Tensor, indices_KS: torch.Tensor) -> torch.Tensor:
+    """[K, S] router probability of each choice."""
+    return probs_SE.gather(1, indices_KS.t()).t()
+
+
+def gate_values(chosen_KS: torch.Tensor) -> torch.Tensor:
+    """[K, S] weight of each choice's expert output: its probability; for top-2 normalised over the two (GShard)."""
+    gates_KS = chosen_KS
     if gates_KS.shape[0] > 1:
         gates_KS = gates_KS / gates_KS.sum(0, keepdim=True).clamp(min=torch.finfo(gates_KS.dtype).eps)
     return gates_KS
@@ -160,7 +165,8 @@ def route(logits_SE: torch.Tensor, real_S: torch.Tensor, k: int, capacity: Optio
     S, E = logits_SE.shape
     probs_SE = router_probs(logits_SE)
     indices_KS = choose_experts(logits_SE, k, sample)
-    gates_KS = gate_values(probs_SE, indices_KS)
+    chosen_KS = chosen_probs(probs_SE, indices_KS)
+    gates_KS = gate_values(chosen_KS)
     placed_KS = real_S.unsqueeze(0).expand_as(indices_KS)
     placed_E = _counts(indices_KS[placed_KS], E)
     if capacity == DROPLESS:  # no buffer: no places to assign, nothing dropped
@@ -169,7 +175,7 @@ def route(logits_SE: torch.Tensor, real_S: torch.Tensor, k: int, capacity: Optio
     else:
         if capacity is None:
             capacity = max(distributed.group_max(int(placed_E.max()), ep_group), 1)
-        slots_KS = assign_slots(indices_KS, probs_SE.gather(1, indices_KS.t()).t(), real_S, E)
+        slots_KS = assign_slots(indices_KS, chosen_KS, real_S, E)
         kept_KS = placed_KS & (slots_KS < capacity)
         kept_E = _counts(indices_KS[kept_KS], E)
     out_indices_KS = torch.where(kept_KS, indices_KS, torch.full_like(indices_KS, -1)).to(torch.int32)
