@@ -1,5 +1,4 @@
 """What the tests share: small models, configs and weights, and running the repository's own commands."""
-import json
 import re
 import subprocess
 import sys
@@ -9,9 +8,11 @@ from pathlib import Path
 import torch
 
 from tests.distributed import free_port
+from tools.fault_drill import tiny_config
 
 from trainer.config import DataConfig, ModelConfig, MoEConfig, ProjectConfig
 
+__all__ = ["tiny_config"]  # the tests' tiny run config is the fault drill's
 VOCAB = 20
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
@@ -68,19 +69,6 @@ def union(*batches: dict) -> dict:
     return {"feats": torch.cat([pad(b["feats"], (0, 0, 0, T - b["feats"].shape[1])) for b in batches]),
             "targets": torch.cat([pad(b["targets"], (0, L - b["targets"].shape[1])) for b in batches]),
             **{k: torch.cat([b[k] for b in batches]) for k in ("lengths", "target_lengths", "weight")}}
-
-
-def tiny_config(tmp_path, mode="omni", run=None, **ds_extra) -> str:
-    cfg = json.loads((ROOT / "ds_configs" / f"{mode}.json").read_text())
-    cfg.update(ds_extra)
-    cfg["omni_router"]["model"].update(d_model=32, num_layers=2, num_heads=2, ffn_dim=64)
-    cfg["omni_router"]["data"].update(corpus_sentences=60, vocab_size=48, batch_frames=2500,
-                                      **cfg.pop("data", {}))
-    cfg["omni_router"]["run"].update({"max_steps": 24, "log_every": 4, **(run or {})})
-    cfg["scheduler"]["params"]["warmup_num_steps"] = 5
-    path = tmp_path / f"{mode}-{len(list(tmp_path.glob('*.json')))}.json"
-    path.write_text(json.dumps(cfg))
-    return str(path)
 
 
 def command(config, corpus, out, ranks=1, extra=()) -> list:

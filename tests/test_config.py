@@ -70,8 +70,25 @@ def test_invalid_json_names_the_line(tmp_path):
 def test_ep_size_auto_and_explicit():
     _, project = load_config("ds_configs/omni.json")
     assert [resolve_ep_size(project.moe, w) for w in (1, 2, 3, 8)] == [1, 2, 1, 4]
-    with pytest.raises(ConfigError, match="ep_size"):
+    with pytest.raises(ConfigError, match="ep_size: 4 does not divide the world size 2; with 2 rank.s. and 4 "
+                                          'experts use one of 1, 2, or "auto" .2.'):
         resolve_ep_size(project.moe.model_copy(update={"ep_size": 4}), 2)
+
+
+@pytest.mark.parametrize("key,hint", [("omni-router", "did you mean 'omni_router'?"),
+                                      ("optimiser", "did you mean 'optimizer'?"), ("qqqq", "")])
+def test_an_unknown_top_level_key_is_named_with_the_closest_valid_one(tmp_path, key, hint):
+    path = write(tmp_path, {"zero_optimization": {"stage": 1}, key: {"moe": {"mode": "switch"}}})
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == (f"{path}: unknown top-level key '{key}': neither 'omni_router' nor a DeepSpeed key"
+                            + (f"; {hint}" if hint else ""))
+
+
+def test_every_top_level_key_of_the_shipped_configs_and_deepspeeds_monitors_is_known(tmp_path):
+    monitors = {k: {"enabled": False} for k in ("tensorboard", "wandb", "csv_monitor", "comet")}
+    load_config(write(tmp_path, {"zero_optimization": {"stage": 1}, "flops_profiler": {"enabled": False},
+                                 "wall_clock_breakdown": False, "comms_logger": {"enabled": False}, **monitors}))
 
 
 @pytest.mark.parametrize("key", ["train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"])

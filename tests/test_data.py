@@ -70,6 +70,33 @@ def test_bad_rows_are_named_skipped_or_refused_in_strict_mode(tmp_path):
     assert f"{m}:8: audio" in str(e.value) and "7 unusable rows" in str(e.value)
 
 
+def test_a_manifest_line_that_is_not_utf8_is_named_and_skipped_or_refused(tmp_path):
+    sf.write(tmp_path / "ok.wav", tone(), 16000)
+    good = json.dumps({"audio_filepath": "ok.wav", "duration": 1.0, "text": "fine"}).encode()
+    m = tmp_path / "m.jsonl"
+    m.write_bytes(good + b"\n" + b'{"audio_filepath": "ok.wav", "duration": 1.0, "text": "caf\xe9"}\n' + good + b"\n")
+    utts, problems = read_sources([str(m)], [], 20.0, strict=False)
+    assert [u.origin for u in utts] == [f"{m}:1", f"{m}:3"]
+    assert problems == [f"{m}:2: not UTF-8 (byte 0xe9 at column 59)"]
+    with pytest.raises(DataError, match="1 unusable rows"):
+        read_sources([str(m)], [], 20.0, strict=True)
+
+
+def test_audio_with_nan_or_inf_samples_is_bad_audio(tmp_path, tokenizer, capsys):
+    for name, value in (("nan", np.nan), ("inf", np.inf)):
+        wave = tone()
+        wave[100:103] = value
+        sf.write(tmp_path / f"{name}.wav", wave, 16000, subtype="FLOAT")  # float WAV keeps them
+    sf.write(tmp_path / "ok.wav", tone(), 16000, subtype="FLOAT")
+    rows = [{"audio_filepath": f"{n}.wav", "duration": 1.0, "text": "hello"} for n in ("nan", "ok", "inf")]
+    utts, _ = read_manifest(write_manifest(tmp_path / "m.jsonl", rows), 20.0)
+    batch = SpeechDataset(utts, tokenizer, DataConfig(), 80, train=True).collate(
+        [SpeechDataset(utts, tokenizer, DataConfig(), 80, train=True)[i] for i in range(3)])
+    assert batch["skipped"] == 2 and batch["index"].tolist() == [1] and torch.isfinite(batch["feats"]).all()
+    err = capsys.readouterr().err
+    assert "m.jsonl:1" in err and "3 samples are NaN or infinite" in err and "m.jsonl:3" in err
+
+
 def test_undecodable_audio_is_skipped_and_an_all_bad_batch_carries_no_loss(tmp_path, tokenizer, capsys):
     sf.write(tmp_path / "ok.flac", tone(), 16000)
     (tmp_path / "trunc.flac").write_bytes((tmp_path / "ok.flac").read_bytes()[:200])

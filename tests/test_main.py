@@ -2,7 +2,9 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from tests.common import launch, tiny_config
@@ -25,6 +27,7 @@ def test_main_job_trains_saves_and_scores(tmp_path, corpus, mode, ranks, gas):
     assert losses[-1] < losses[0]
     dev = results["dev"]["sets"]["dev"]
     assert dev["wer"] == results["dev"]["mean_wer"] and dev["utterances"] == 50
+    assert dev["cer"] == results["dev"]["mean_cer"] and 0 < dev["cer"] <= 100
     assert dev["loss"] < losses[0]  # CTC per frame, the same unit as training's
     ckpt = out / "checkpoints" / "step24"
     assert (ckpt / "mp_rank_00_model_states.pt").exists()
@@ -81,16 +84,23 @@ def test_bad_data_is_skipped_by_two_ranks_or_refused_when_strict(tmp_path, corpu
         r["audio_filepath"] = str(corpus / r["audio_filepath"])
     good = (corpus / rows[0]["audio_filepath"]).read_bytes()
     (tmp_path / "trunc.flac").write_bytes(good[:300])
+    wave = np.sin(np.arange(16000) / 10).astype("float32")
+    wave[5:9] = np.nan
+    sf.write(tmp_path / "nan.wav", wave, 16000, subtype="FLOAT")
     bad = ["{oops", json.dumps({"audio_filepath": "nowhere.flac", "duration": 1.0, "text": "gone"}),
-           json.dumps({"audio_filepath": "trunc.flac", "duration": 1.2, "text": "cut short"})]
+           json.dumps({"audio_filepath": "trunc.flac", "duration": 1.2, "text": "cut short"}),
+           json.dumps({"audio_filepath": "nan.wav", "duration": 1.0, "text": "not a number"}),
+           '{"audio_filepath": "x.flac", "duration": 1.0, "text": "na\xefve"}']
     manifest = tmp_path / "train.jsonl"
-    manifest.write_text("\n".join([json.dumps(r) for r in rows] + bad) + "\n")
+    manifest.write_bytes("\n".join([json.dumps(r) for r in rows] + bad).encode("latin-1") + b"\n")
     cmd = ["--train_manifest", str(manifest), "--dev_manifest", str(corpus / "dev.jsonl")]
     proc = launch(tiny_config(tmp_path), corpus, tmp_path / "run", 2, cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     n = len(rows)
     assert f"train.jsonl:{n + 1}: not JSON" in proc.stdout and f"train.jsonl:{n + 2}: audio" in proc.stdout
-    assert f"skipping {manifest}:{n + 3}" in proc.stderr and "skipped 1 utterances whose audio" in proc.stdout
+    assert f"train.jsonl:{n + 5}: not UTF-8 (byte 0xef" in proc.stdout
+    assert f"skipping {manifest}:{n + 3}" in proc.stderr and "skipped 2 utterances whose audio" in proc.stdout
+    assert f"skipping {manifest}:{n + 4}" in proc.stderr and "4 samples are NaN or infinite" in proc.stderr
     strict = launch(tiny_config(tmp_path), corpus, tmp_path / "strict", 2, cmd + ["--strict_data"])
     assert strict.returncode == 2 and "unusable rows (strict_data)" in strict.stderr
     assert f"train.jsonl:{n + 1}: not JSON" in strict.stderr and f"train.jsonl:{n + 2}: audio" in strict.stderr

@@ -1,11 +1,13 @@
 """Model structure, shared-router gradients and padding, in one process (ep_size 1, no process group)."""
+import math
+
 import pytest
 import torch
 
 from tests.common import VOCAB, batch, fill_weights, tiny_project, union
 from trainer import objective
 from trainer.deepspeed_contract import local_experts
-from trainer.model import CTCModel
+from trainer.model import CTCModel, cape_positions
 
 
 def build(mode, k=1, **kw):
@@ -114,3 +116,55 @@ def test_evaluation_drops_nothing_so_an_utterance_decodes_alike_alone_and_in_any
     n = int(a.lengths[0])
     torch.testing.assert_close(a.log_probs[0, :n], c.log_probs[0, :n], rtol=1e-5, atol=1e-5)
     assert all(s.dropped == 0 and s.capacity == int(s.kept_E.max()) for s in a.routing + c.routing)
+
+
+def with_model(model_cfg: dict, mode="omni"):
+    p = tiny_project(mode)
+    p = p.model_copy(update={"model": p.model.model_copy(update=model_cfg)})
+    model = CTCModel(p.model, p.moe, VOCAB)
+    fill_weights(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_causal_encoder_sees_no_later_frame(causal):
+    model = with_model({"causal": causal})
+    b = batch(3, lengths=(40,))
+    changed = b["feats"].clone()
+    changed[0, 24:] += 1.0  # input frames 24.. are encoder frames 12.. (stacking 2)
+    before, after = (model(f, b["lengths"]).log_probs for f in (b["feats"], changed))
+    assert torch.equal(before[0, :12], after[0, :12]) == causal  # the full encoder's early frames do change
+    assert not torch.equal(before[0, 12:], after[0, 12:])
+
+
+def test_sinusoidal_positions_are_the_classic_table():
+    model = with_model({})
+    table = model.positions(torch.ones(1, 5, dtype=torch.bool))[0]
+    d = table.shape[1]
+    for pos in range(5):
+        for i in range(0, d, 2):
+            rate = 10000 ** (-i / d)
+            assert table[pos, i].item() == pytest.approx(math.sin(pos * rate), abs=1e-5)
+            assert table[pos, i + 1].item() == pytest.approx(math.cos(pos * rate), abs=1e-5)
+
+
+def test_cape_centres_positions_at_evaluation_and_augments_them_in_training():
+    cfg = with_model({"positions": "cape", "cape_global_shift": 5.0, "cape_local_shift": 0.5,
+                      "cape_global_scaling": 1.2}).cfg
+    real = torch.arange(7).unsqueeze(0) < torch.tensor([[7], [4]])  # 7 and 4 real frames
+    evaluation = cape_positions(real, cfg, training=False)
+    assert evaluation[0].tolist() == [-3, -2, -1, 0, 1, 2, 3] and evaluation[1, :4].tolist() == [-1.5, -0.5, 0.5, 1.5]
+    torch.manual_seed(0)
+    draws = torch.stack([cape_positions(real, cfg, training=True) for _ in range(200)])
+    bound = (evaluation.abs() + 5.0 + 0.25) * 1.2
+    assert (draws - evaluation).abs().max() > 4 and ((draws.abs() <= bound + 1e-5).all())
+    causal = cape_positions(real, cfg.model_copy(update={"causal": True}), training=False)
+    assert causal[1].tolist() == list(range(7))  # a stream is not centred: its length is unknown
+
+
+def test_cape_model_is_deterministic_at_evaluation_only():
+    model = with_model({"positions": "cape"})
+    b = batch(4)
+    assert torch.equal(model(b["feats"], b["lengths"]).log_probs, model(b["feats"], b["lengths"]).log_probs)
+    model.train()
+    assert not torch.equal(model(b["feats"], b["lengths"]).log_probs, model(b["feats"], b["lengths"]).log_probs)

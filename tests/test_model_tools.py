@@ -44,13 +44,16 @@ def test_evaluate_table_matches_the_trainers_own_dev_wer(models, trained, corpus
                 "--out", str(tmp_path / "wer"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.reader(open(tmp_path / "wer.csv")))
-    assert rows[0] == ["model", "dev", "test", "average"] and [r[0] for r in rows[1:]] == ["omni", "switch"]
+    assert rows[0] == ["model", "dev WER", "test WER", "dev CER", "test CER", "average WER", "average CER"]
+    assert [r[0] for r in rows[1:]] == ["omni", "switch"]
     for r in rows[1:]:
-        assert abs(float(r[3]) - (float(r[1]) + float(r[2])) / 2) <= 0.006
+        assert abs(float(r[5]) - (float(r[1]) + float(r[2])) / 2) <= 0.006
+        assert abs(float(r[6]) - (float(r[3]) + float(r[4])) / 2) <= 0.006
     # The fp32 run: same features, precision and decoding as the trainer's own evaluation.
-    trainer_wer = json.loads((trained["omni"] / "results.json").read_text())["dev"]["sets"]["dev"]["wer"]
-    assert float(rows[1][1]) == pytest.approx(trainer_wer, abs=0.006)
-    assert (tmp_path / "wer.md").read_text().startswith("| model | dev | test | average |")
+    trainer_dev = json.loads((trained["omni"] / "results.json").read_text())["dev"]["sets"]["dev"]
+    assert float(rows[1][1]) == pytest.approx(trainer_dev["wer"], abs=0.006)
+    assert float(rows[1][3]) == pytest.approx(trainer_dev["cer"], abs=0.006)
+    assert (tmp_path / "wer.md").read_text().startswith("| model | dev WER | test WER | dev CER |")
 
 
 def test_evaluation_does_not_depend_on_batch_size_or_world_size(models, trained, corpus, tmp_path):
@@ -117,3 +120,26 @@ def test_tools_name_wrong_paths_and_checkpoints_of_another_kind(trained, models,
     for script in ("consolidate_checkpoint", "transcribe", "evaluate", "analyze_routing", "plot_runs"):
         helped = tool(f"tools/{script}.py", "--help")
         assert helped.returncode == 0 and "usage:" in helped.stdout
+
+
+def test_a_causal_cape_model_trains_consolidates_transcribes_and_evaluates(corpus, tmp_path):
+    """One run with both options (each is unit-tested in test_model): the consolidated model records them and
+    scores its dev set as the trainer did."""
+    from tests.common import tiny_config
+    variant = {"positions": "cape", "causal": True}
+    sets = [arg for k, v in variant.items() for arg in ("--set", f"model.{k}={json.dumps(v)}")]
+    run = tmp_path / "run"
+    proc = launch(tiny_config(tmp_path, run={"max_steps": 6}), corpus, run, 1, sets)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert tool("tools/consolidate_checkpoint.py", str(run), "--out", str(tmp_path / "model")).returncode == 0
+    recorded = json.loads((tmp_path / "model" / "config.json").read_text())["project_config"]["model"]
+    assert all(recorded[k] == v for k, v in variant.items())
+    rows = manifest_rows(corpus / "dev.jsonl")
+    heard = tool("tools/transcribe.py", "--model", str(tmp_path / "model"), str(corpus / rows[0]["audio_filepath"]))
+    assert heard.returncode == 0 and heard.stdout.startswith(str(corpus / rows[0]["audio_filepath"]) + "\t")
+    scored = tool("tools/evaluate.py", "--model", f"m={tmp_path / 'model'}", "--test", f"dev={corpus / 'dev.jsonl'}",
+                  "--out", str(tmp_path / "wer"))
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    dev = json.loads((run / "results.json").read_text())["dev"]["sets"]["dev"]
+    table = list(csv.reader(open(tmp_path / "wer.csv")))
+    assert [float(x) for x in table[1][1:3]] == pytest.approx([dev["wer"], dev["cer"]], abs=0.006)

@@ -59,7 +59,7 @@ def test_train_sh_across_two_nodes_then_eval_sh_and_a_failing_job(cluster, corpu
     ev_job = job_id(ev)
     assert ev.wait(timeout=300) == 0, (tmp_path / f"eval-{ev_job}.out").read_text()[-3000:]
     table = (out / "results" / "wer.md").read_text()
-    assert table.startswith("| model | dev | average |") and "| run |" in table
+    assert table.startswith("| model | dev WER | dev CER | average WER | average CER |") and "| run |" in table
 
     failing = sbatch(cluster, "slurm/train.sh", NODES_2x1 + [f"--output={tmp_path}/fail-%j.out"],
                      {"CONFIG": str(tmp_path / "missing.json"), "OUTPUT_DIR": str(tmp_path / "x")})
@@ -88,3 +88,26 @@ def test_signalled_job_saves_requeues_itself_and_resumes(cluster, corpus, tmp_pa
     assert 4 <= saved < 60
     assert f"resumed from {out / 'checkpoints' / f'step{saved}'} at step {saved}" in log
     assert json.loads((out / "results.json").read_text())["dev"]["step"] == 60
+
+
+def test_compare_sh_runs_one_array_task_per_mode_and_seed(cluster, corpus, tmp_path):
+    from tools.compare_routing import main as compare
+    runs = tmp_path / "cmp"
+    assert compare(["plan", "--config", tiny_config(tmp_path, run={"max_steps": 4}), "--modes", "switch", "omni",
+                    "--seeds", "1", "--out", str(runs)]) == 0
+    one_task = ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=15"]
+    proc = sbatch(cluster, "slurm/compare.sh", one_task + ["--array=0-1", f"--output={tmp_path}/cmp-%A_%a.out"], {},
+                  [str(runs), "--corpus_dir", str(corpus)])
+    job = job_id(proc)
+    assert proc.wait(timeout=600) == 0, "".join(p.read_text()[-2000:] for p in tmp_path.glob("cmp-*.out"))
+    for mode in ("switch", "omni"):
+        assert (runs / "runs" / f"{mode}-seed1" / "results.json").exists()
+    logs = sorted(tmp_path.glob(f"cmp-{job}_*.out"))
+    assert len(logs) == 2 and all("1 ranks" in p.read_text() for p in logs)
+    again = sbatch(cluster, "slurm/compare.sh", one_task + ["--array=1", f"--output={tmp_path}/again-%A_%a.out"], {},
+                   [str(runs)])
+    again_job = job_id(again)
+    assert again.wait(timeout=300) == 0
+    assert "is finished" in (tmp_path / f"again-{again_job}_1.out").read_text()
+    assert compare(["report", "--out", str(runs), "--test", f"test={corpus / 'test.jsonl'}"]) == 0
+    assert "| omni vs switch |" in (runs / "report.md").read_text()

@@ -1,4 +1,7 @@
-"""The benchmarks run and print their figures (smoke runs at tiny sizes; the figures are not asserted)."""
+"""The benchmarks run and print their figures (smoke runs at tiny sizes; the figures are not asserted), and the
+routing comparison runs end to end."""
+import json
+
 import pytest
 
 from tests.common import run_tool, tiny_config
@@ -29,3 +32,25 @@ def test_bench_moe_layer_prints_a_ratio_per_variant(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     [row] = [line.split() for line in proc.stdout.splitlines() if line.split()[:2] == ["4", "256"]]
     assert len(row) == 6 and all(x.endswith("x") for x in row[3:])
+
+
+def test_compare_routing_trains_each_mode_once_evaluates_and_reports(tmp_path, corpus):
+    """Three modes, one seed, locally: a second call trains nothing again and writes the same report."""
+    out = tmp_path / "cmp"
+    args = ["-m", "tools.compare_routing", "--config", tiny_config(tmp_path, run={"max_steps": 2}), "--seeds", "7",
+            "--out", str(out), "--test", f"test_ood={corpus / 'test_ood.jsonl'}", "--", "--corpus_dir", str(corpus)]
+    first = run_tool(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    for mode in ("dense", "switch", "omni"):
+        results = json.loads((out / "runs" / f"{mode}-seed7" / "results.json").read_text())
+        assert results["dev"]["step"] == 2
+        cfg = json.loads((out / "configs" / f"{mode}-seed7.json").read_text())["omni_router"]
+        assert (cfg["moe"]["mode"], cfg["run"]["seed"]) == (mode, 7)
+        assert f"| {mode} | 1 | " in report
+    assert "| mode | seeds | test_ood WER | test_ood CER | OOD average WER | OOD average CER |" in report
+    assert "| omni vs dense |" in report and "| omni vs switch |" in report
+    assert (out / "curves.png").read_bytes().startswith(b"\x89PNG") and (out / "routing.png").exists()
+    second = run_tool(*args)
+    assert second.returncode == 0 and second.stderr.count("finished, not trained again") == 3
+    assert (out / "report.md").read_text() == report

@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from trainer.export import CheckpointError, consolidate, to_deepspeed
+from trainer.integrity import UnsafeFile
 
 
 def main(argv=None) -> int:
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
         if args.to_deepspeed:
             tag = to_deepspeed(args.checkpoint, args.ep_size, args.to_deepspeed)
             print(f"DeepSpeed checkpoint for ep_size {args.ep_size}: {tag}")
-    except CheckpointError as e:
+    except (CheckpointError, UnsafeFile) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

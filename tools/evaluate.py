@@ -1,10 +1,11 @@
-"""WER of consolidated models on test sets, per set and the unweighted average: a Markdown and a CSV table.
+"""WER and CER of consolidated models on test sets, per set and the unweighted average: Markdown and CSV tables.
 
     python tools/evaluate.py --model dense=models/dense --model switch=models/switch --model omni=models/omni \\
         --test clean=test_clean.jsonl --test other=test_other.jsonl --out results/wer
 
-One row per model, one column per test set, then the average, as in the paper's tables. Scored with jiwer
-on the trainer's own text normaliser; an utterance whose audio cannot be read is left out and counted.
+One row per model, one WER and one CER column per test set, then the averages, as in the paper's tables
+(CER beside it: at small scale it is the informative one). Scored with jiwer on the trainer's own text
+normaliser; an utterance whose audio cannot be read is left out and counted.
 """
 import argparse
 import csv
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from trainer.decode import word_error_rate
+from trainer.decode import error_rates
 from trainer.export import CheckpointError
 from trainer.inference import Recognizer
 from trainer.sources import DataError, read_sources
@@ -28,17 +29,18 @@ def score(recognizer: Recognizer, utts: list, max_frames: Optional[int]) -> dict
     texts = recognizer.transcribe(utts, max_frames)
     refs = [utts[i].text for i in sorted(texts)]
     hyps = [texts[i] for i in sorted(texts)]
-    return {"wer": word_error_rate(refs, hyps) if refs else float("nan"), "utterances": len(texts),
-            "unreadable": len(utts) - len(texts)}
+    rates = error_rates(refs, hyps) if refs else {"wer": float("nan"), "cer": float("nan")}
+    return {**rates, "utterances": len(texts), "unreadable": len(utts) - len(texts)}
 
 
 def tables(results: dict, sets: list[str]) -> tuple[str, list[list]]:
-    """(Markdown, CSV rows) with WER in percent per set and the unweighted average."""
-    header = ["model", *sets, "average"]
+    """(Markdown, CSV rows): WER then CER in percent per set, and the unweighted average of each."""
+    header = ["model", *(f"{s} {m}" for m in ("WER", "CER") for s in sets), "average WER", "average CER"]
     rows = []
     for model, per_set in results.items():
-        wers = [per_set[s]["wer"] for s in sets]
-        rows.append([model, *(f"{w:.2f}" for w in wers), f"{sum(wers) / len(wers):.2f}"])
+        rates = {m: [per_set[s][m] for s in sets] for m in ("wer", "cer")}
+        rows.append([model, *(f"{x:.2f}" for m in ("wer", "cer") for x in rates[m]),
+                     *(f"{sum(rates[m]) / len(sets):.2f}" for m in ("wer", "cer"))])
     md = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                    + ["| " + " | ".join(r) + " |" for r in rows])
     return md + "\n", [header, *rows]

@@ -3,7 +3,7 @@
     python tools/plot_runs.py runs/dense runs/switch runs/omni --out curves.png
     python tools/plot_runs.py dense=runs/dense omni=runs/omni --out curves.png
 
-Three panels against the step: training CTC loss, dev loss and dev WER (unweighted mean over dev sets).
+Four panels against the step: training CTC loss, dev loss, dev WER and dev CER (unweighted means over dev sets).
 """
 import argparse
 import json
@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 PANELS = [("train", "ctc", "training CTC loss"), ("eval", "mean_loss", "dev loss"),
-          ("eval", "mean_wer", "dev WER (%)")]
+          ("eval", "mean_wer", "dev WER (%)"), ("eval", "mean_cer", "dev CER (%)")]
 
 
 def read_metrics(run: Path) -> list[dict]:

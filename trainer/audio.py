@@ -17,6 +17,8 @@ def load_audio(source, offset: float = 0.0, duration: float = 0.0) -> torch.Tens
     if data.shape[0] == 0:
         raise ValueError("no samples")
     wave = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))
+    if not torch.isfinite(wave).all():  # float WAV can hold them; one such file would make every loss NaN
+        raise ValueError(f"{int((~torch.isfinite(wave)).sum())} samples are NaN or infinite")
     if rate != SAMPLE_RATE:
         wave = torchaudio.functional.resample(wave, rate, SAMPLE_RATE)
     return wave

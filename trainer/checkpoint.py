@@ -3,9 +3,10 @@ a run resumes.
 
 DeepSpeed writes ``latest`` from rank 0 without waiting for the other ranks' files. Here a checkpoint becomes
 visible only after every rank has written everything: the save runs with ``save_latest=False``, all ranks
-meet at a barrier, rank 0 records every file and its size in ``TAG/complete.json``, and only then replaces
-``latest`` atomically. At start-up the newest checkpoint whose record matches the disk is used; a damaged
-or partial one is reported by name and skipped.
+meet at a barrier, rank 0 records every file with its size and SHA-256 (computed by the rank that wrote it,
+while writing) in ``TAG/complete.json``, and only then replaces ``latest`` atomically. At start-up the newest
+checkpoint whose record matches the disk, byte for byte, is used; a damaged or partial one is reported by
+name and skipped. Nothing is loaded in a way that could run code (``integrity``).
 """
 import json
 import math
@@ -19,8 +20,8 @@ from typing import Optional
 import deepspeed
 import torch
 
-from trainer import distributed
-from trainer.deepspeed_contract import MODEL_STATES, set_schedule_position
+from trainer import distributed, integrity
+from trainer.deepspeed_contract import MODEL_STATES, SAFE_GLOBALS, set_schedule_position
 
 RECORD = "complete.json"
 TOKENIZER, CMVN = "tokenizer.model", "cmvn.json"  # beside the checkpoints in a run's folder, and copied into each
@@ -28,6 +29,27 @@ TOKENIZER, CMVN = "tokenizer.model", "cmvn.json"  # beside the checkpoints in a 
 
 class ResumeError(RuntimeError):
     """A checkpoint that this run cannot continue from as asked; worded for the user."""
+
+
+# Keys that define what the weights mean: a resume that changes one is refused (``--reset_optimizer`` lets
+# the weights load into the new model where the shapes still fit). Every other key is run-level.
+MODEL_DEFINING = ("model.n_mels", "model.frame_stacking", "model.d_model", "model.num_layers", "model.num_heads",
+                  "model.ffn_dim", "moe.mode", "moe.num_experts", "moe.moe_every", "moe.top_k", "data.vocab_size")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """'key: saved -> current' for every key of both configs whose value differs (keys new since the
+    checkpoint's version are not compared)."""
+    before, after = _flat(saved), _flat(current)
+    return [f"{k}: {json.dumps(before[k])} -> {json.dumps(after[k])}" for k in after
+            if k in before and before[k] != after[k]]
 
 
 @dataclass
@@ -41,6 +63,7 @@ class Record:
     world_size: Optional[int] = None  # None: re-sharded by tools/consolidate_checkpoint.py
     ep_size: int = 1
     optimizer_state: bool = True  # False: weights only, the optimizer starts afresh
+    finished: bool = False  # the final checkpoint of a run that reached run.max_steps
 
     @classmethod
     def from_saved(cls, saved: dict) -> "Record":
@@ -76,7 +99,8 @@ def tags(ckpt_dir: Path) -> list[str]:
 
 
 def problem(ckpt_dir: Path, tag: str) -> str:
-    """Why this checkpoint cannot be used, or '' if every recorded file is there with its size."""
+    """Why this checkpoint cannot be used, or '' if every recorded file is there with its size and SHA-256
+    (records of 0.2 and before hold sizes only)."""
     record = ckpt_dir / tag / RECORD
     if not record.exists():
         return f"{ckpt_dir / tag}: incomplete (no {RECORD}; the save did not finish)"
@@ -84,12 +108,22 @@ def problem(ckpt_dir: Path, tag: str) -> str:
         files = json.loads(record.read_text())["files"]
     except (json.JSONDecodeError, KeyError) as e:
         return f"{record}: unreadable ({e})"
-    for name, size in files.items():
+    for name, entry in files.items():
         path = ckpt_dir / tag / name
+        size, sha = (entry, None) if isinstance(entry, int) else (entry["bytes"], entry["sha256"])
         if not path.exists():
             return f"{path}: missing"
         if path.stat().st_size != size:
             return f"{path}: {path.stat().st_size} bytes, {size} recorded"
+        if sha and integrity.digest(path) != sha:
+            return f"{path}: content differs from the SHA-256 recorded when it was written (corrupted)"
+        if path.suffix == ".pt":  # checked before DeepSpeed opens it
+            try:
+                integrity.load(path, SAFE_GLOBALS, mmap=True)
+            except integrity.UnsafeFile as e:
+                return str(e)
+            except Exception as e:  # torch raises several types for a damaged archive
+                return f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     return ""
 
 
@@ -106,18 +140,21 @@ def newest_usable(ckpt_dir: Path) -> tuple[str, list[str]]:
 
 def read_record(ckpt_dir: Path, tag: str) -> Record:
     """A checkpoint's record, without reading its weights (the file is memory-mapped)."""
-    return Record.from_saved(torch.load(ckpt_dir / tag / MODEL_STATES, map_location="cpu", weights_only=False,
-                                        mmap=True))
+    return Record.from_saved(integrity.load(ckpt_dir / tag / MODEL_STATES, SAFE_GLOBALS, mmap=True))
 
 
 def _rng_file(ckpt_dir: Path, tag: str) -> Path:
     return ckpt_dir / tag / f"rng_rank{distributed.rank()}.pt"
 
 
-def publish(ckpt_dir: Path, tag: str):
-    """Record every file of a written checkpoint with its size, then point ``latest`` at it (atomically)."""
-    files = {str(p.relative_to(ckpt_dir / tag)): p.stat().st_size
-             for p in sorted((ckpt_dir / tag).rglob("*")) if p.is_file()}
+def publish(ckpt_dir: Path, tag: str, digests: dict):
+    """Record every file of a written checkpoint with its size and SHA-256 (``digests``: name -> SHA-256 as
+    computed while writing; a file without one is read once), then point ``latest`` at it (atomically)."""
+    files = {}
+    for p in sorted((ckpt_dir / tag).rglob("*")):
+        if p.is_file():
+            name = str(p.relative_to(ckpt_dir / tag))
+            files[name] = {"bytes": p.stat().st_size, "sha256": digests.get(name) or integrity.digest(p)}
     _atomic_write(ckpt_dir / tag / RECORD, json.dumps({"files": files}))
     _atomic_write(ckpt_dir / "latest", tag)
 
@@ -129,13 +166,16 @@ def save(engine, ckpt_dir: Path, record: Record, keep_last: int, keep: set, extr
     if _rank0() and (ckpt_dir / tag).exists():  # a leftover of a crashed save with this step
         shutil.rmtree(ckpt_dir / tag)
     distributed.barrier()
+    written = engine.checkpoint_engine.written  # path -> SHA-256 of each file this rank writes
+    written.clear()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=record.client_state(), save_latest=False)
-    torch.save(_rng_states(), _rng_file(ckpt_dir, tag))
-    distributed.barrier()  # every rank's files are on disk
+    written[str(_rng_file(ckpt_dir, tag))] = integrity.save(_rng_states(), _rng_file(ckpt_dir, tag))
+    mine = {str(Path(path).relative_to(ckpt_dir / tag)): sha for path, sha in written.items()}
+    digests = {k: v for part in distributed.gather_objects(mine) for k, v in part.items()}  # after all wrote
     if _rank0():
         for f in extra_files:
             shutil.copyfile(f, ckpt_dir / tag / Path(f).name)
-        publish(ckpt_dir, tag)
+        publish(ckpt_dir, tag, digests)
         saved = tags(ckpt_dir)
         for old in saved[:-keep_last] if keep_last > 0 else []:
             if old not in keep and old != tag:
@@ -165,7 +205,7 @@ def load(engine, ckpt_dir: Path, tag: str, load_optimizer: bool = True) -> Recor
         set_schedule_position(engine.lr_scheduler, engine.global_steps)
     rng = _rng_file(ckpt_dir, tag)
     if rng.exists():  # absent when the world size changed: then the random streams start afresh
-        _restore_rng(torch.load(rng, weights_only=True))
+        _restore_rng(integrity.load(rng, []))
     return Record.from_saved(client)
 
 
@@ -173,8 +213,8 @@ class Checkpointer:
     """The run's checkpoint policy over one engine: saves with the run's files, keeps the newest ``keep_last``
     and the best by mean dev WER, and resumes from the newest usable checkpoint."""
 
-    def __init__(self, engine, out_dir: Path, keep_last: int):
-        self.engine, self.out_dir, self.keep_last = engine, Path(out_dir), keep_last
+    def __init__(self, engine, out_dir: Path, keep_last: int, timeout_s: float = 1800.0):
+        self.engine, self.out_dir, self.keep_last, self.timeout_s = engine, Path(out_dir), keep_last, timeout_s
         self.dir = self.out_dir / "checkpoints"
         self.best = {"wer": math.inf, "tag": ""}
 
@@ -186,20 +226,32 @@ class Checkpointer:
     def save(self, record: Record) -> str:
         keep = {self.best["tag"]} if self.best["tag"] else set()
         extra = [f for f in (self.out_dir / TOKENIZER, self.out_dir / CMVN) if f.exists()]
-        tag = save(self.engine, self.dir, replace(record, best=self.best), self.keep_last, keep, extra)
+        with distributed.timeout(self.timeout_s):  # ranks wait for the slowest writer at its barriers
+            tag = save(self.engine, self.dir, replace(record, best=self.best), self.keep_last, keep, extra)
         distributed.log0(f"saved checkpoint {self.dir / tag}")
         return tag
 
-    def resume(self, world_size: int, ep_size: int, reset_optimizer: bool) -> Optional[Record]:
+    def resume(self, project_config: dict, world_size: int, ep_size: int, reset_optimizer: bool) -> Optional[Record]:
         """Continue from the newest usable checkpoint, if any: weights, optimizer, scheduler, step, random
         states (the data position is in the record returned). A different world size or ep_size needs
-        ``reset_optimizer`` (weights only); the learning-rate schedule then continues from the step."""
+        ``reset_optimizer`` (weights only); the learning-rate schedule then continues from the step. Config
+        changes since the checkpoint are named: run-level ones are accepted, model-defining ones refused
+        unless ``reset_optimizer`` and the weights still fit."""
         newest, warnings, written = distributed.broadcast_from_rank0(  # one rank reads the disk; all decide alike
             self._newest_with_record() if _rank0() else None)
         for w in warnings:
             distributed.log0(f"WARNING: skipping a damaged checkpoint: {w}")
         if not newest:
             return None
+        changes = config_changes(written.project_config, project_config)
+        model = [c for c in changes if c.split(":")[0] in MODEL_DEFINING]
+        if model and not reset_optimizer:
+            raise ResumeError(f"{self.dir / newest} was trained with another model; changed since: "
+                              + "; ".join(model) + ". Restore these keys, choose another --output_dir, or pass "
+                              "--reset_optimizer to load the weights into the new model where their shapes fit")
+        if changes:
+            distributed.log0("config changed since the checkpoint: " + "; ".join(changes)
+                             + (" (model-defining; weights loaded where they fit)" if model else ""))
         if not written.optimizer_state:  # re-sharded by tools/consolidate_checkpoint.py: weights only
             reset_optimizer = True
         elif (written.world_size, written.ep_size) != (world_size, ep_size) and not reset_optimizer:
@@ -207,7 +259,13 @@ class Checkpointer:
                               f"{written.ep_size}, this run has {world_size} with ep_size {ep_size}: the optimizer "
                               "state cannot be re-partitioned; pass --reset_optimizer to continue from the weights "
                               "(experts are stored by global id) with a fresh optimizer")
-        record = load(self.engine, self.dir, newest, load_optimizer=not reset_optimizer)
+        try:
+            record = load(self.engine, self.dir, newest, load_optimizer=not reset_optimizer)
+        except (RuntimeError, FileNotFoundError, KeyError) as e:  # the weights do not fit the new model
+            if not model:
+                raise
+            raise ResumeError(f"{self.dir / newest}: its weights do not fit the changed model ("
+                              + "; ".join(model) + f"): {str(e).splitlines()[0]}") from None
         self.best = record.best
         distributed.log0(f"resumed from {self.dir / newest} at step {self.engine.global_steps}"
                          + (" (optimizer reset)" if reset_optimizer else ""))

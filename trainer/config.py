@@ -3,9 +3,13 @@
 DeepSpeed validates its keys when the engine starts; the project section is validated here, before any
 process group exists, so a typo costs seconds, not a queued cluster job. Errors name the file and the key.
 """
+import difflib
+import importlib.util
 import json
 import math
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -31,6 +35,12 @@ class ModelConfig(_Strict):
     num_heads: int = Field(4, description="attention heads; must divide d_model")
     ffn_dim: int = Field(576, description="hidden width of the dense FFN and of every expert (Linear-ReLU-Linear)")
     dropout: float = Field(0.1, description="dropout after the frontend, attention and FFN")
+    positions: Literal["sinusoidal", "cape"] = Field(
+        "sinusoidal", description="absolute sinusoids, or CAPE (sinusoids of augmented positions in training)")
+    cape_global_shift: float = Field(5.0, description="CAPE: largest shift of all positions of an utterance (frames)")
+    cape_local_shift: float = Field(0.5, description="CAPE: width of the per-frame position jitter (frames)")
+    cape_global_scaling: float = Field(1.0, description="CAPE: largest scaling of an utterance's positions (1: none)")
+    causal: bool = Field(False, description="causal self-attention (streaming): a frame attends to no later frame")
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -98,7 +108,9 @@ class DataConfig(_Strict):
     train_hf: list[HFSource] = Field([], description="Hugging Face datasets on disk for training")
     dev_hf: list[HFSource] = Field([], description="Hugging Face datasets on disk, each its own dev set")
     corpus_dir: str = Field("~/.cache/omni-router/demo-corpus", description="where the embedded corpus is built")
-    corpus_sentences: int = Field(3000, description="training sentences of the embedded corpus")
+    corpus_sentences: int = Field(3000, description="training sentences of the embedded corpus (at most)")
+    corpus_words: int = Field(
+        0, description="the embedded corpus speaks only sentences of WordNet's N most frequent example words (0: all)")
     vocab_size: int = Field(256, description="sentencepiece pieces (the CTC blank comes on top)")
     batch_frames: int = Field(
         12000, description="THE batch: padded 10 ms input frames per optimizer step, all ranks together")
@@ -122,6 +134,12 @@ class RunConfig(_Strict):
     keep_last: int = Field(3, description="newest checkpoints kept, besides the best by dev WER")
     max_bad_steps: int = Field(5, description="non-finite losses or gradients in a row before the run stops")
     seed: int = Field(1234, description="weights, data order, augmentation")
+    collective_timeout_s: float = Field(
+        300.0, description="a collective not completed within this many seconds is an error on every rank")
+    checkpoint_timeout_s: float = Field(
+        1800.0, description="the collective timeout while a checkpoint is written (slow file systems)")
+    stop_grace_s: float = Field(
+        60.0, description="after a stop request, seconds without progress before a stuck rank exits unsaved")
 
 
 class ProjectConfig(_Strict):
@@ -169,6 +187,25 @@ def _format(err: ValidationError, path: str) -> str:
     return "\n".join(lines)
 
 
+@lru_cache(maxsize=None)
+def deepspeed_keys() -> frozenset:
+    """Every snake_case string literal in DeepSpeed's source: a superset of the top-level keys it reads, which
+    are spread over some twenty modules with no registry (0.1 s, without importing DeepSpeed)."""
+    root = Path(importlib.util.find_spec("deepspeed").origin).parent
+    literal = re.compile(r"""['"]([a-z][a-z0-9_]*)['"]""")
+    return frozenset(k for f in root.rglob("*.py") for k in literal.findall(f.read_text(errors="replace")))
+
+
+def _unknown_keys(raw: dict, path: str):
+    """A top-level key that is neither the project's section nor a key DeepSpeed knows is a typo: a misspelt
+    section would otherwise be ignored and the run would train the defaults."""
+    for key in raw:
+        if key != SECTION and key not in deepspeed_keys():
+            close = difflib.get_close_matches(key, [SECTION, *deepspeed_keys()], n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{path}: unknown top-level key '{key}': neither '{SECTION}' nor a DeepSpeed key{hint}")
+
+
 def load_config(path: str) -> tuple[dict, ProjectConfig]:
     """Read a run config; return (DeepSpeed dict without the project section, validated project section)."""
     try:
@@ -179,6 +216,7 @@ def load_config(path: str) -> tuple[dict, ProjectConfig]:
         raise ConfigError(f"{path}: line {e.lineno} column {e.colno}: invalid JSON: {e.msg}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a JSON object")
+    _unknown_keys(raw, path)
     ds = dict(raw)
     fixed = [k for k in DEEPSPEED_BATCH_KEYS if k in ds]
     if fixed:
@@ -206,7 +244,10 @@ def resolve_ep_size(moe: MoEConfig, world_size: int) -> int:
     if moe.ep_size == "auto":
         return math.gcd(world_size, moe.num_experts)
     if world_size % moe.ep_size:
-        raise ConfigError(f"{SECTION}.moe.ep_size: {moe.ep_size} does not divide the world size {world_size}")
+        fits = [n for n in range(1, world_size + 1) if world_size % n == 0 and moe.num_experts % n == 0]
+        raise ConfigError(f"{SECTION}.moe.ep_size: {moe.ep_size} does not divide the world size {world_size}; with "
+                          f"{world_size} rank(s) and {moe.num_experts} experts use one of "
+                          f"{', '.join(map(str, fits))}, or \"auto\" ({math.gcd(world_size, moe.num_experts)})")
     return moe.ep_size
 
 

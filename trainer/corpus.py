@@ -3,10 +3,14 @@
 Training voices (espeak-ng accents and variants, flite kal16/awb/rms, festival kal_diphone) speak WordNet's
 usage examples, split train/dev/test by a hash of their normalised text, so no sentence is in two splits. A
 fourth split, ``test_ood``, is held out twice over: other voices (flite slt, espeak-ng's Scottish and
-Caribbean accents) speaking another text source (WordNet's glosses). Voice, speed and pitch are drawn from
-the seed and the sentence, so a rebuild is the same. Written as 16 kHz FLAC plus NeMo-style JSON-lines
-manifests, built in a temporary folder and renamed into place: an interrupted build leaves no half corpus.
+Caribbean accents) speaking another text source (WordNet's glosses). With a word list (the N most frequent
+words of the usage examples), every split speaks only sentences made of those words: spelling can then be
+learnt from a few thousand sentences, and errors measure hearing rather than orthography. Voice, speed and
+pitch are drawn from the seed and the sentence, so a rebuild is the same. Written as 16 kHz FLAC plus
+NeMo-style JSON-lines manifests, built in a temporary folder and renamed into place (one builder at a time,
+under a file lock): an interrupted build leaves no half corpus.
 """
+import fcntl
 import hashlib
 import json
 import os
@@ -14,6 +18,7 @@ import random
 import re
 import shutil
 import subprocess
+from collections import Counter
 import tempfile
 from multiprocessing import Pool
 from pathlib import Path
@@ -59,6 +64,15 @@ def wordnet_sentences(kind: str = "examples", min_words: int = 3, max_words: int
                     seen.add(norm)
                     out.append(norm)
     return out
+
+
+def within(sentences: list[str], words: int) -> list[str]:
+    """The sentences made only of the ``words`` most frequent words of WordNet's usage examples (0: all)."""
+    if not words:
+        return sentences
+    counts = Counter(w for s in wordnet_sentences() for w in s.split())
+    known = {w for w, _ in counts.most_common(words)}
+    return [s for s in sentences if all(w in known for w in s.split())]
 
 
 def _digest(text: str) -> int:
@@ -110,21 +124,28 @@ def check_engines():
         raise FileNotFoundError(f"speech engines missing: apt-get install {' '.join(missing)}")
 
 
-def build_corpus(out_dir: str, train_sentences: int, seed: int = 0, workers: int = 0) -> dict:
+def build_corpus(out_dir: str, train_sentences: int, seed: int = 0, workers: int = 0, words: int = 0) -> dict:
     """Build (or reuse, if the same recipe is there) the corpus; return {split: manifest path}."""
     out = Path(out_dir).expanduser()
-    recipe = {"version": VERSION, "train_sentences": train_sentences, "seed": seed}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:  # one builder at a time; others then reuse
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build(out, train_sentences, seed, workers, words)
+
+
+def _build(out: Path, train_sentences: int, seed: int, workers: int, words: int) -> dict:
+    recipe = {"version": VERSION, "train_sentences": train_sentences, "seed": seed, "words": words}
     manifests = {s: str(out / f"{s}.jsonl") for s in SPLITS}
     stamp = out / "corpus.json"
     if stamp.exists() and json.loads(stamp.read_text()) == recipe:
         return manifests
     check_engines()
     by_split = {s: [] for s in SPLITS}
-    for text in sorted(wordnet_sentences(), key=_digest):
+    for text in sorted(within(wordnet_sentences(), words), key=_digest):
         by_split[split_of(text)].append(text)
     held = max(50, train_sentences // 15)
     examples = set(by_split["train"] + by_split["dev"] + by_split["test"])
-    glosses = [t for t in sorted(wordnet_sentences("glosses"), key=_digest) if t not in examples]
+    glosses = [t for t in sorted(within(wordnet_sentences("glosses"), words), key=_digest) if t not in examples]
     chosen = {"train": by_split["train"][:train_sentences], "dev": by_split["dev"][:held],
               "test": by_split["test"][:held], "test_ood": glosses[:held]}
     tmp = out.with_name(out.name + ".partial")

@@ -5,6 +5,7 @@ training drops the batches that do not divide evenly, evaluation repeats a batch
 whose every audio file fails to decode becomes a silent stand-in that carries no loss.
 """
 import random
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -121,7 +122,16 @@ def train_batches(utts, max_frames: int, seed: int, epoch: int, rank: int, world
     return shard(batches, rank, world, fill=False)
 
 
+def _plain_signals(_worker_id: int):
+    """A worker is forked with the rank's stop watcher set up (``trainer.stopping``): give it default signal
+    actions and no wakeup fd, so a signal to the worker is not heard as a second one to the rank."""
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def loader(dataset: SpeechDataset, batches: list[list[int]], workers: int) -> DataLoader:
     # A generator of its own: creating an iterator must not draw from the global stream that dropout uses.
     return DataLoader(dataset, batch_sampler=batches, collate_fn=dataset.collate, num_workers=workers,
-                      pin_memory=torch.cuda.is_available(), generator=torch.Generator())
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator(),
+                      worker_init_fn=_plain_signals)

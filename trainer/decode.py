@@ -1,4 +1,4 @@
-"""Greedy CTC decoding and WER scored with jiwer on normalised text."""
+"""Greedy CTC decoding, and WER and CER scored with jiwer on normalised text."""
 import jiwer
 import torch
 
@@ -16,8 +16,9 @@ def greedy_labels(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[i
     return out
 
 
-def word_error_rate(refs: list[str], hyps: list[str]) -> float:
-    """Corpus-level WER in percent; an empty hypothesis counts every reference word as deleted."""
+def error_rates(refs: list[str], hyps: list[str]) -> dict:
+    """Corpus-level {"wer", "cer"} in percent; an empty hypothesis counts every reference word (character) as
+    deleted. CER counts spaces as characters, as jiwer does: at small scale it shows what WER hides."""
     refs = [normalize(r) for r in refs]
     hyps = [normalize(h) for h in hyps]
-    return 100.0 * jiwer.wer(refs, hyps)
+    return {"wer": 100.0 * jiwer.wer(refs, hyps), "cer": 100.0 * jiwer.cer(refs, hyps)}

@@ -24,17 +24,66 @@ When the DeepSpeed pin moves, check each item against the new source (``deepspee
 * The expert-parallel group of rank r holds ranks ``r // ep_size * ep_size ...`` (consecutive ranks), so the
   rank's place in it is ``r % ep_size`` (``utils/groups.py``, ``use_data_before_expert_parallel_=False``).
 * The config schedulers' ``step(last_batch_iteration)`` sets their position; after n optimizer steps it is n - 1.
+* Every checkpoint file DeepSpeed writes or reads goes through ``engine.checkpoint_engine`` (``save(state_dict,
+  path)``, ``load(path, map_location)``; ``load_moe_state_dict`` is handed the engine's), a
+  ``TorchCheckpointEngine`` unless the config asks for another. Its optimizer files hold, besides tensors and
+  containers, ``LossScaler``/``DynamicLossScaler``, ``ZeroStageEnum`` and ``fragment_address``.
+* ``config.deepspeed_keys`` reads DeepSpeed's source for the names of its config keys.
+* On one node, the ``deepspeed`` runner starts ``python -m deepspeed.launcher.launch`` and waits for it,
+  forwarding no signal; the launcher starts the ranks, forwards SIGTERM/SIGINT to them, SIGKILLs them 30 s
+  later and exits 1 (or with the status of the first rank that failed).
 """
 import re
 
 import deepspeed.ops
 from deepspeed.moe.sharded_moe import TopKGate, gumbel_rsample, multiplicative_jitter
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
+
+from trainer import integrity
 
 __all__ = ["TopKGate", "gumbel_rsample", "multiplicative_jitter"]  # re-exported for trainer.routing
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_" + re.escape(MODEL_STATES))
 EXPERT_PARAM = re.compile(r"\.deepspeed_experts\.(\d+)\.")  # in a parameter name: the expert's (local) index
+SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]  # plain data in optimizer files
+
+
+class VerifiedCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch.save/torch.load engine that hashes what it writes (``written``: path -> SHA-256, for
+    the checkpoint's record) and loads without running code (``integrity.load``)."""
+
+    def __init__(self, zipfile_serialization: bool):
+        super().__init__()
+        self.zipfile_serialization, self.written = zipfile_serialization, {}
+
+    def save(self, state_dict, path: str):
+        self.written[str(path)] = integrity.save(state_dict, path, self.zipfile_serialization)
+
+    def load(self, path: str, map_location=None):
+        return integrity.load(path, SAFE_GLOBALS, map_location)
+
+
+def install_checkpoint_engine(engine) -> VerifiedCheckpointEngine:
+    """Replace the engine's checkpoint engine by ours (DeepSpeed's other engines are refused, not wrapped)."""
+    current = engine.checkpoint_engine
+    if type(current) is not TorchCheckpointEngine:
+        raise ValueError(f"checkpoint engine {type(current).__name__} is not supported; remove the DeepSpeed "
+                         "config's checkpoint engine settings (the trainer writes checkpoints with torch.save)")
+    engine.checkpoint_engine = VerifiedCheckpointEngine(current.zipfile_serialization)
+    return engine.checkpoint_engine
+
+
+def is_deepspeed_launcher(cmdline: list[str]) -> bool:
+    return "deepspeed.launcher.launch" in cmdline
+
+
+def is_deepspeed_runner(cmdline: list[str]) -> bool:
+    """The ``deepspeed`` command: ``python .../bin/deepspeed ...``."""
+    return any(arg.rsplit("/", 1)[-1] == "deepspeed" for arg in cmdline[:2])
 
 
 def skip_shm_comm_build():

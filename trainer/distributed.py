@@ -12,7 +12,10 @@ Two rules keep multi-rank runs from crashing or hanging:
 Nothing else in the package calls ``torch.distributed`` directly; DeepSpeed's engine makes its own calls.
 """
 import os
-from typing import Callable
+import re
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Callable, Optional
 
 import deepspeed
 import torch
@@ -21,14 +24,46 @@ import torch.distributed as dist
 from trainer.deepspeed_contract import skip_shm_comm_build
 
 
-def init() -> tuple[int, int]:
-    """Join the process group the launcher describes (deepspeed, torchrun or srun env); return (rank, world)."""
+def init(timeout_s: float = 300.0) -> tuple[int, int]:
+    """Join the process group the launcher describes (deepspeed, torchrun or srun env); return (rank, world).
+    A collective that does not complete within ``timeout_s`` raises on the ranks waiting in it."""
     # The accelerator device first: any collective, DeepSpeed's own included, must find it set.
     deepspeed.get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # The shared-memory op serves only inference all-reduce; skipping it saves a minute of g++ per fresh node.
     skip_shm_comm_build()
-    deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name())
+    deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name(),
+                               timeout=timedelta(seconds=timeout_s))
+    _timeout_s[0] = timeout_s
     return dist.get_rank(), dist.get_world_size()
+
+
+_timeout_s = [300.0]  # the run's collective timeout, given at init
+
+
+def apply_timeout(seconds: Optional[float] = None):
+    """Give every process group of this process the timeout (default: the run's). Groups made after init
+    (DeepSpeed's expert and data-parallel groups) otherwise get the backend's default, 30 min for gloo."""
+    for group in list(dist.distributed_c10d._world.pg_map):
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds or _timeout_s[0]), group)
+
+
+@contextmanager
+def timeout(seconds: float):
+    """Another collective timeout for every group while the block runs (checkpoint I/O), then the run's."""
+    if not dist.is_initialized():
+        yield
+        return
+    apply_timeout(seconds)
+    try:
+        yield
+    finally:
+        apply_timeout()
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """A collective that timed out or lost a peer (gloo and NCCL word it so; NCCL raises DistError)."""
+    return isinstance(error, dist.DistError) or bool(re.search(
+        r"Timed out|Connection closed|Connection reset|gloo|NCCL|Broken pipe", str(error)))
 
 
 def device() -> torch.device:

@@ -10,7 +10,7 @@ import torch
 
 from trainer import distributed, objective
 from trainer.config import ProjectConfig, batch_plan, resolve_ep_size
-from trainer.deepspeed_contract import ep_rank
+from trainer.deepspeed_contract import ep_rank, install_checkpoint_engine
 from trainer.model import CTCModel, ModelOutput
 
 
@@ -43,6 +43,7 @@ def build_engine(ds_config: dict, project: ProjectConfig, model: CTCModel):
     """deepspeed.initialize creates the expert-parallel groups and splits expert from dense parameters."""
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=ds_config_for(ds_config, project))
+    install_checkpoint_engine(engine)  # hashes what it writes, loads without running code
     return engine
 
 

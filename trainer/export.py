@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer import checkpoint
+from trainer import checkpoint, integrity
 from trainer.config import ProjectConfig
-from trainer.deepspeed_contract import EXPERT_FILE, EXPERT_PARAM, MODEL_STATES, expert_file
+from trainer.deepspeed_contract import EXPERT_FILE, EXPERT_PARAM, MODEL_STATES, SAFE_GLOBALS, expert_file
 from trainer.model import CTCModel, moe_blocks
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -37,6 +37,9 @@ def find_checkpoint(path: str) -> Path:
     if (p / CONFIG).exists() and (p / WEIGHTS).exists():
         raise CheckpointError(f"{p}: a consolidated model, not a DeepSpeed checkpoint")
     if (p / MODEL_STATES).exists():
+        why = checkpoint.problem(p.parent, p.name) if (p / checkpoint.RECORD).exists() else ""
+        if why:
+            raise CheckpointError(why)
         return p
     for ckpt_dir in (p, p / "checkpoints"):
         if checkpoint.tags(ckpt_dir):
@@ -49,7 +52,7 @@ def find_checkpoint(path: str) -> Path:
 
 def read_deepspeed(tag_dir: Path) -> tuple[dict, dict]:
     """(every weight by its one-rank name in fp32, DeepSpeed's saved dict with the trainer's client state)."""
-    saved = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
+    saved = integrity.load(tag_dir / MODEL_STATES, SAFE_GLOBALS)
     if not isinstance(saved, dict) or "project_config" not in saved:
         raise CheckpointError(f"{tag_dir / MODEL_STATES}: not written by this trainer (no project_config)")
     state = {k: v.float() for k, v in saved["module"].items()}
@@ -66,7 +69,7 @@ def read_deepspeed(tag_dir: Path) -> tuple[dict, dict]:
         raise CheckpointError(f"{tag_dir}: expert files do not match the config ({n_layers} MoE layers x "
                               f"{project.moe.num_experts} experts); missing (layer, expert): {missing[:8]}")
     for key in sorted(found):
-        state.update({k: v.float() for k, v in torch.load(found[key], map_location="cpu").items()})
+        state.update({k: v.float() for k, v in integrity.load(found[key], []).items()})
     return state, saved
 
 
@@ -165,16 +168,18 @@ def to_deepspeed(src: str, ep_size: int, out_dir: str) -> Path:
         if m:
             experts.setdefault(name.split(".ffn.")[0], {}).setdefault(int(m[1]), {})[name] = t
     module = {k: v for k, v in state.items() if not EXPERT_PARAM.search(k)}
+    digests = {}
     for layer, block in enumerate(sorted(experts, key=lambda b: int(b.split(".")[1]))):
         for e, sd in experts[block].items():
-            torch.save(sd, ckpt_dir / tag / expert_file(layer, e))
+            digests[expert_file(layer, e)] = integrity.save(sd, ckpt_dir / tag / expert_file(layer, e))
     keep = {k: v for k, v in saved.items() if k not in ("optimizer", "lr_scheduler", "module")}
     record = replace(checkpoint.Record.from_saved(saved), project_config=project, ep_size=ep_size, world_size=None,
                      optimizer_state=False)
-    torch.save({**keep, **record.client_state(), "module": module, "optimizer": None, "lr_scheduler": None},
-               ckpt_dir / tag / MODEL_STATES)
+    digests[MODEL_STATES] = integrity.save(
+        {**keep, **record.client_state(), "module": module, "optimizer": None, "lr_scheduler": None},
+        ckpt_dir / tag / MODEL_STATES)
     for name, path in run_files(tag_dir).items():
         shutil.copyfile(path, ckpt_dir / tag / name)
         shutil.copyfile(path, out / name)
-    checkpoint.publish(ckpt_dir, tag)
+    checkpoint.publish(ckpt_dir, tag, digests)
     return ckpt_dir / tag

@@ -5,7 +5,6 @@ resumes (``checkpoint.Checkpointer``), the logger writes every row (``telemetry.
 normalises the loss (``objective``), and evaluation scores the dev sets (``evaluation``).
 """
 import json
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from trainer.distributed import log0
 from trainer.engine import step_loss
 from trainer.evaluation import evaluate_dev_sets
 from trainer.model import moe_blocks
+from trainer.stopping import StopSignal
 from trainer.telemetry import RunLogger, TrainMeter
 
 REQUEUE = 75  # exit status after a signal-requested stop and save: "temporary failure, run me again"
@@ -27,19 +27,6 @@ REQUEUE = 75  # exit status after a signal-requested stop and save: "temporary f
 
 class TrainingError(RuntimeError):
     """The run cannot go on (for example, too many non-finite losses in a row); a checkpoint was saved."""
-
-
-class StopSignal:
-    """SIGTERM and SIGUSR1 (what SLURM sends before a time limit or preemption) set a flag; the ranks agree
-    on it at the next step, so all of them stop at the same step boundary."""
-
-    def __init__(self):
-        self.received = ""
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame):
-        self.received = signal.Signals(signum).name
 
 
 @dataclass
@@ -57,42 +44,55 @@ class Trainer:
                  out_dir: str):
         self.engine, self.project, self.train_set, self.dev_sets = engine, project, train_set, dev_sets
         self.tokenizer, self.out_dir = tokenizer, Path(out_dir)
-        self.checkpointer = Checkpointer(engine, self.out_dir, project.run.keep_last)
+        self.checkpointer = Checkpointer(engine, self.out_dir, project.run.keep_last, project.run.checkpoint_timeout_s)
         self.logger = RunLogger(self.out_dir, engine.monitor, project.run.max_steps)
         self.plan = batch_plan(project.data, distributed.world())
         self.moe_layers = len(moe_blocks(project.model, project.moe))
         self.state = SamplerState()
         self.bad_in_a_row = self.skipped_steps = 0
         self.history = []
+        self.finished = False  # resumed from the final checkpoint of a finished run
+        self.phase = "start-up"  # what the loop is doing, for the message of a failed collective
+        self.stop = None  # the StopSignal of fit(); its watcher hears of progress through beat()
 
     # -- checkpoints -------------------------------------------------------------------------------------
-    def save(self) -> str:
+    def save(self, finished: bool = False) -> str:
+        self.phase = f"saving checkpoint step{self.engine.global_steps}"
         world = distributed.world()
         return self.checkpointer.save(Record(
             project_config=self.project.model_dump(), step=self.engine.global_steps, epoch=self.state.epoch,
-            position=self.state.position, world_size=world, ep_size=resolve_ep_size(self.project.moe, world)))
+            position=self.state.position, world_size=world, ep_size=resolve_ep_size(self.project.moe, world),
+            finished=finished))
 
     def resume(self, reset_optimizer: bool = False) -> bool:
-        """Continue from the newest usable checkpoint, if any (see ``Checkpointer.resume``)."""
-        world = distributed.world()
-        record = self.checkpointer.resume(world, resolve_ep_size(self.project.moe, world), reset_optimizer)
+        """Continue from the newest usable checkpoint, if any (see ``Checkpointer.resume``); the metrics written
+        after it are dropped, as they are computed again."""
+        world, project = distributed.world(), self.project
+        record = self.checkpointer.resume(project.model_dump(), world, resolve_ep_size(project.moe, world),
+                                          reset_optimizer)
         if record is not None:
             self.state = SamplerState(record.epoch, record.position)
+            self.finished = record.finished and record.step >= self.project.run.max_steps
+            self.logger.metrics.resume_at(record.step)
         return record is not None
 
     # -- training ----------------------------------------------------------------------------------------
     def fit(self) -> int:
         """Train to run.max_steps; 0 when done, REQUEUE when stopped by a signal (after saving)."""
+        if self.finished:
+            log0(f"the run finished at step {self.engine.global_steps} (run.max_steps); nothing to do")
+            return 0
         utts = self.train_set.utts
         all_batches = length_batches(utts, self.plan.micro_frames)
         log0(f"{self.plan.describe()}; {len(all_batches)} micro-batches per epoch, padding "
              f"{100 * padding_fraction(utts, all_batches):.1f}% of frames")
-        stop, started, first_step = StopSignal(), time.time(), self.engine.global_steps
+        self.stop = stop = StopSignal(self.project.run.stop_grace_s)
+        started, first_step = time.time(), self.engine.global_steps
         self.meter = TrainMeter(self.moe_layers)  # sums between two log lines, across epoch boundaries
         while self.engine.global_steps < self.project.run.max_steps:
             if self.train_epoch(stop, started, first_step) == REQUEUE:
                 return REQUEUE
-        result = self.evaluate_and_save()
+        result = self.evaluate_and_save(finished=True)
         if distributed.rank() == 0:
             (self.out_dir / "results.json").write_text(json.dumps({"train": self.history, "dev": result}, indent=1))
         return 0
@@ -110,9 +110,12 @@ class Trainer:
         for batch in loader(self.train_set, batches[self.state.position:], self.project.data.num_workers):
             self.state.position += 1
             skipped += batch["skipped"]
+            self.phase = f"training step {engine.global_steps + 1}"
             result = self.train_step(batch, self.meter, bool(stop.received))
+            stop.beat()
             step = engine.global_steps
             if result.stopping and (result.boundary or result.skipped):
+                stop.acknowledge()
                 log0(f"stop requested ({stop.received or 'by another rank'}): saving at step {step}")
                 self.save()
                 return REQUEUE
@@ -182,15 +185,17 @@ class Trainer:
     def evaluate(self) -> dict:
         """Every dev set, logged (loss, WER, routing telemetry)."""
         data = self.project.data
+        self.phase = f"evaluation at step {self.engine.global_steps}"
         result = evaluate_dev_sets(self.engine, self.dev_sets, self.tokenizer, self.plan.micro_frames,
-                                   data.num_workers, self.moe_layers, self.project.moe.num_experts)
+                                   data.num_workers, self.moe_layers, self.project.moe.num_experts,
+                                   progress=self.stop.beat if self.stop else None)
         self.logger.evaluation(result)
         return result
 
-    def evaluate_and_save(self) -> dict:
+    def evaluate_and_save(self, finished: bool = False) -> dict:
         result = self.evaluate()
         self.checkpointer.note_evaluation(result["mean_wer"])
-        self.save()
+        self.save(finished)
         return result
 
 

@@ -1,7 +1,8 @@
 """CTC Transformer encoder whose feed-forward blocks are dense, Switch (router per layer) or Omni (one router).
 
-log-mel [B, T, 80] -> stack 4 frames (40 ms) -> Linear -> + sinusoidal positions -> pre-LN blocks
-(self-attention, then FFN or MoE) -> LayerNorm -> Linear over the sentencepiece pieces plus blank (id 0).
+log-mel [B, T, 80] -> stack 4 frames (40 ms) -> Linear -> + sinusoidal or CAPE positions -> pre-LN blocks
+(self-attention, full or causal, then FFN or MoE) -> LayerNorm -> Linear over the sentencepiece pieces plus
+blank (id 0).
 """
 import math
 import zlib
@@ -103,9 +104,9 @@ class Block(nn.Module):
         self.ffn = ffn
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, real: torch.Tensor, max_frames: int):
+    def forward(self, x: torch.Tensor, real: torch.Tensor, max_frames: int, causal_mask=None):
         h = self.ln_attn(x)
-        h, _ = self.attn(h, h, h, key_padding_mask=~real, need_weights=False)
+        h, _ = self.attn(h, h, h, key_padding_mask=~real, attn_mask=causal_mask, need_weights=False)
         x = x + self.drop(h)
         h, stats = self.ffn(self.ln_ffn(x), real, max_frames)
         return x + self.drop(h), stats
@@ -118,13 +119,33 @@ class ModelOutput:
     routing: list[RoutingStats]  # one per MoE layer, in depth order (empty for dense)
 
 
-def sinusoids(length: int, dim: int, device) -> torch.Tensor:
-    pos = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
-    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    pe = torch.zeros(length, dim, device=device)
-    pe[:, 0::2] = torch.sin(pos * freq)
-    pe[:, 1::2] = torch.cos(pos * freq)
-    return pe
+def sinusoids(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """[..., T] positions (any real values) -> [..., T, dim]: sin and cos of each at 10000^(-2i/dim) rates."""
+    freq = torch.exp(torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32)
+                     * (-math.log(10000.0) / dim))
+    angle = positions.float().unsqueeze(-1) * freq
+    return torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(-2)
+
+
+def cape_positions(real: torch.Tensor, cfg: ModelConfig, training: bool) -> torch.Tensor:
+    """[B, T] positions of CAPE (Likhomanenko et al., 2021), in encoder frames. Centred on each utterance's
+    real frames (not when causal: a stream's length is unknown); in training, each utterance's positions are
+    shifted by one U(-global, global), each frame's by U(-local/2, local/2), and all scaled by
+    exp(U(-log s, log s)), so the model learns relative rather than absolute position. None at evaluation."""
+    B, T = real.shape
+    pos = torch.arange(T, device=real.device, dtype=torch.float32).expand(B, T)
+    if not cfg.causal:
+        pos = pos - (real.sum(1, keepdim=True) - 1).clamp(min=0) / 2
+    if training:
+        pos = pos + cfg.cape_global_shift * _symmetric(B, 1, like=pos) + cfg.cape_local_shift / 2 * _symmetric(
+            B, T, like=pos)
+        pos = pos * torch.exp(math.log(cfg.cape_global_scaling) * _symmetric(B, 1, like=pos))
+    return pos
+
+
+def _symmetric(*shape: int, like: torch.Tensor) -> torch.Tensor:
+    """U(-1, 1) samples on ``like``'s device, from the global stream (saved with every checkpoint)."""
+    return torch.rand(*shape, device=like.device) * 2 - 1
 
 
 class CTCModel(nn.Module):
@@ -175,13 +196,22 @@ class CTCModel(nn.Module):
             return 0
         return distributed.group_max(int(real.sum()), routers[0].ep_group)
 
+    def positions(self, real: torch.Tensor) -> torch.Tensor:
+        """[B, T', d_model] positional embeddings for the encoder frames."""
+        if self.cfg.positions == "cape":
+            return sinusoids(cape_positions(real, self.cfg, self.training), self.cfg.d_model)
+        return sinusoids(torch.arange(real.shape[1], device=real.device), self.cfg.d_model).expand(
+            real.shape[0], -1, -1)
+
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> ModelOutput:
         x, out_lengths, real = self.frontend(feats, lengths)
-        x = self.drop(x + sinusoids(x.shape[1], x.shape[2], x.device).to(x.dtype))
+        x = self.drop(x + self.positions(real).to(x.dtype))
         max_frames = self.max_frames(real)
+        T = x.shape[1]  # causal: True above the diagonal masks every later frame
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1) if self.cfg.causal else None
         routing = []
         for block in self.blocks:
-            x, stats = block(x, real, max_frames)
+            x, stats = block(x, real, max_frames, causal)
             if stats is not None:
                 routing.append(stats)
         logits = self.head(self.ln_out(x))

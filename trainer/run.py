@@ -4,9 +4,13 @@ With no data flags it trains on the embedded corpus (built on first use); manife
 flags. Rank 0 prepares shared files (corpus, tokenizer) while the others wait at a barrier.
 """
 import argparse
+import fcntl
 import json
+import os
 import shutil
+import socket
 import sys
+import time
 from pathlib import Path
 
 import deepspeed
@@ -20,9 +24,13 @@ from trainer.data import SpeechDataset
 from trainer.distributed import log0
 from trainer.engine import build_engine, build_model
 from trainer.evaluation import EvaluationError
+from trainer.integrity import UnsafeFile
 from trainer.loop import Trainer, TrainingError
 from trainer.sources import DataError, read_sources
 from trainer.text import Tokenizer
+
+LOCK = ".lock"  # in the output folder: who is writing into it
+_held = []  # the open lock file of this process
 
 
 def parse_args(argv=None):
@@ -72,12 +80,38 @@ def on_rank0(fn):
         raise DataError(error)
 
 
+def claim_output_dir(out: Path):
+    """An advisory lock on the output folder, held by rank 0 for the run's life (the kernel releases it when
+    the process ends, however it ends): a second run into the folder stops before writing anything.
+    Raises DataError naming the holder on every rank."""
+
+    def take():
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / LOCK, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ValueError(f"{out} is in use by another run ({holder}); wait for it to end, stop it, or choose "
+                             "another --output_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        _held.append(f)  # open until the process ends
+
+    on_rank0(take)
+
+
 def prepare_data(project):
     """Utterances (the embedded corpus unless given), the tokenizer made once by rank 0, and the datasets."""
     data, out = project.data, Path(project.run.output_dir)
     train_m, dev_m = list(data.train_manifests), list(data.dev_manifests)
     if not train_m and not data.train_hf:
-        on_rank0(lambda: build_corpus(data.corpus_dir, data.corpus_sentences, seed=project.run.seed))
+        on_rank0(lambda: build_corpus(data.corpus_dir, data.corpus_sentences, seed=project.run.seed,
+                                      words=data.corpus_words))
         corpus = Path(data.corpus_dir).expanduser()
         train_m = [str(corpus / "train.jsonl")]
         dev_m = dev_m or ([] if data.dev_hf else [str(corpus / "dev.jsonl")])
@@ -119,11 +153,17 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error:\n{e}", file=sys.stderr)
         return 2
-    _, world = distributed.init()
-    try:
+    _, world = distributed.init(project.run.collective_timeout_s)
+    try:  # checked against the world size before anything is written
         plan = batch_plan(project.data, world)
+        resolve_ep_size(project.moe, world)
     except ConfigError as e:
         print(f"config error:\n{e}", file=sys.stderr)
+        return 2
+    try:
+        claim_output_dir(Path(project.run.output_dir))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         train_set, dev_sets, tokenizer = prepare_data(project)
@@ -132,6 +172,7 @@ def main(argv=None) -> int:
         return 2
     model = build_model(project, tokenizer.vocab_size)
     engine = build_engine(ds_config, project, model)
+    distributed.apply_timeout()  # DeepSpeed's groups too
     params = sum(p.numel() for p in model.parameters())
     log0(f"mode {project.moe.mode}: {params:,} parameters on rank 0, {len(model.routers())} router(s), "
          f"{world} rank(s), ep_size {resolve_ep_size(project.moe, world)}, {len(train_set)} train / "
@@ -151,8 +192,15 @@ def main(argv=None) -> int:
                 Path(project.run.output_dir, f"eval_step{result['step']}.json").write_text(json.dumps(result, indent=1))
             return 0
         return trainer.fit()
-    except (TrainingError, ResumeError, EvaluationError) as e:
+    except (TrainingError, ResumeError, EvaluationError, UnsafeFile) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if not distributed.is_collective_failure(e):
+            raise
+        print(f"error: rank {distributed.rank()}, {trainer.phase}: a collective failed (timeout "
+              f"{project.run.collective_timeout_s:.0f} s, run.collective_timeout_s): {str(e).splitlines()[0]}",
+              file=sys.stderr)
         return 1
 
 

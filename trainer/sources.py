@@ -63,19 +63,22 @@ def read_manifest(path: str, max_duration: float, deep: bool = False) -> tuple[l
     """NeMo JSON lines: audio_filepath (absolute or relative to the manifest), duration, text, offset.
     deep=True also opens every audio header (strict mode); otherwise a file is only checked to exist."""
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_bytes().splitlines()  # decoded line by line: one bad byte costs one row
     except (FileNotFoundError, IsADirectoryError):
         raise DataError(f"{path}: no such manifest") from None
     base = Path(path).parent
     utts, problems = [], []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         origin = f"{path}:{n}"
         try:
-            row = json.loads(line)
+            row = json.loads(raw.decode("utf-8"))
             audio, duration, text = str(base / row["audio_filepath"]), float(row["duration"]), str(row["text"])
             offset = float(row.get("offset", 0.0))
+        except UnicodeDecodeError as e:
+            problems.append(f"{origin}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+            continue
         except json.JSONDecodeError as e:
             problems.append(f"{origin}: not JSON ({e.msg})")
             continue

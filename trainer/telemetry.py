@@ -6,6 +6,7 @@ which is permutation-invariant (relabelling one layer's experts leaves it unchan
 layers that Omni-Router's shared router is meant to raise.
 """
 import json
+import os
 import time
 from pathlib import Path
 
@@ -113,13 +114,35 @@ class TrainMeter:
 
 
 class MetricsFile:
-    """JSON lines, one row per log or evaluation, appended by rank 0 (flushed per row: a crash loses none)."""
+    """JSON lines, one row per log or evaluation, appended by rank 0 (flushed per row: a crash loses none).
+    Each (kind, step) is written once: a resumed run first drops the rows written after its checkpoint, which
+    it is about to compute again, so plots and tables read one curve."""
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
+        self.written = set()
+
+    def resume_at(self, step: int):
+        """Keep the rows up to ``step`` (the checkpoint resumed from); rewritten atomically."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a crash mid-write
+                continue
+            if row.get("step", 0) <= step:
+                kept.append(line)
+                self.written.add((row.get("kind"), row.get("step")))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def write(self, row: dict):
-        if self.enabled:
+        key = (row["kind"], row["step"])
+        if self.enabled and key not in self.written:
+            self.written.add(key)
             with open(self.path, "a") as f:
                 f.write(json.dumps(row, allow_nan=True) + "\n")
 
@@ -151,9 +174,10 @@ class RunLogger:
 
     def evaluation(self, result: dict):
         for name, r in result["sets"].items():
-            distributed.log0(f"dev {name}: loss {r['loss']:.4f}  WER {r['wer']:.2f}%  ({r['utterances']} utterances)")
-        distributed.log0(f"dev mean WER {result['mean_wer']:.2f}% over {len(result['sets'])} set(s) at step "
-                         f"{result['step']}")
+            distributed.log0(f"dev {name}: loss {r['loss']:.4f}  WER {r['wer']:.2f}%  CER {r['cer']:.2f}%  "
+                             f"({r['utterances']} utterances)")
+        distributed.log0(f"dev mean WER {result['mean_wer']:.2f}% CER {result['mean_cer']:.2f}% over "
+                         f"{len(result['sets'])} set(s) at step {result['step']}")
         layers = result["routing"]["layers"]
         for i, layer in enumerate(layers):
             load = " ".join(f"{x:.2f}" for x in layer["load"])
@@ -163,8 +187,8 @@ class RunLogger:
             distributed.log0("  adjacent-layer NMI of expert choices: "
                              + " ".join(f"{x:.3f}" for x in result["routing"]["adjacent_nmi"]))
         self.metrics.write(result)
-        values = {f"dev/{name}/{k}": r[k] for name, r in result["sets"].items() for k in ("loss", "wer")}
-        values.update({"dev/mean_wer": result["mean_wer"]}, **{
+        values = {f"dev/{name}/{k}": r[k] for name, r in result["sets"].items() for k in ("loss", "wer", "cer")}
+        values.update({"dev/mean_wer": result["mean_wer"], "dev/mean_cer": result["mean_cer"]}, **{
             f"routing/layer{i}/{k}": layer[k] for i, layer in enumerate(layers)
             for k in ("entropy", "dropped", "capacity_used")})
         values.update({f"routing/nmi_{i}_{i + 1}": x for i, x in enumerate(result["routing"]["adjacent_nmi"])})

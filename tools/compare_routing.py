@@ -1,0 +1,274 @@
+"""The paper's experiment in one command: dense, switch and omni from one base config, K seeds each, every run
+evaluated on every test set, and a report.
+
+    python -m tools.compare_routing --config ds_configs/omni.json --seeds 1 2 3 --out runs/compare
+    python -m tools.compare_routing ... --test clean=test_clean.jsonl --test other=test_other.jsonl --ood other \
+        -- --train_manifest train.jsonl --dev_manifest dev.jsonl      # after --: flags of every training run
+
+On a SLURM cluster, one job per (mode, seed), then the report:
+
+    python -m tools.compare_routing plan --config ds_configs/paper/omni_8x84m.json --seeds 1 2 3 --out runs/cmp
+    sbatch --array=0-8 slurm/compare.sh runs/cmp --train_manifest train.jsonl --dev_manifest dev.jsonl
+    python -m tools.compare_routing report --out runs/cmp --test ...
+
+Run ``MODE-seedS`` is the base config with ``moe.mode`` and ``run.seed`` set and nothing else: the same active
+parameters per frame (top-1: one expert shaped like the dense FFN), and per seed the same data order in every
+mode. Locally the runs go one after another through DeepSpeed's launcher; a finished run is not trained again
+and an interrupted one resumes (the trainer's own resume). Each run is consolidated and scored with
+``tools/evaluate.py``'s scoring. The report (``report.md``, ``curves.png``, ``routing.png``): per test set and
+over the OOD sets, WER and CER as mean +- standard deviation over seeds; the relative WER change of omni vs
+dense and vs switch (the paper's -11.2% and -8.2%); training-loss curves; per-layer expert load and
+adjacent-layer NMI per mode at the last evaluation.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tools.evaluate import named, score  # noqa: E402
+from tools.plot_runs import read_metrics  # noqa: E402
+from trainer.config import SECTION, ConfigError, load_config  # noqa: E402
+from trainer.export import consolidate  # noqa: E402
+from trainer.inference import Recognizer  # noqa: E402
+from trainer.sources import read_sources  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("dense", "switch", "omni")
+TASKS = "tasks.txt"  # one "config output_dir" line per run, in array-index order
+
+
+def plan(config: str, modes: list[str], seeds: list[int], out: Path) -> list[tuple[str, Path, Path]]:
+    """Write one config per (mode, seed) and the task list; return [(name, config, run folder)]."""
+    load_config(config)  # a bad base config is an error before anything is written
+    base = json.loads(Path(config).read_text())
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    tasks = []
+    for seed in seeds:
+        for mode in modes:
+            name = f"{mode}-seed{seed}"
+            cfg = json.loads(json.dumps(base))
+            section = cfg.setdefault(SECTION, {})
+            section.setdefault("moe", {})["mode"] = mode
+            section.setdefault("run", {}).update(seed=seed, output_dir=str(out / "runs" / name))
+            path = out / "configs" / f"{name}.json"
+            path.write_text(json.dumps(cfg, indent=1))
+            tasks.append((name, path, out / "runs" / name))
+    (out / TASKS).write_text("".join(f"{c} {r}\n" for _, c, r in tasks))
+    return tasks
+
+
+def read_tasks(out: Path) -> list[tuple[str, Path, Path]]:
+    if not (out / TASKS).exists():
+        raise ConfigError(f"{out}: no {TASKS}; run 'plan' (or the local default) first")
+    rows = [line.split() for line in (out / TASKS).read_text().splitlines() if line.strip()]
+    return [(Path(run).name, Path(cfg), Path(run)) for cfg, run in rows]
+
+
+def finished(run: Path) -> bool:
+    """results.json is written once, at the end of a run that reached run.max_steps."""
+    return (run / "results.json").exists()
+
+
+def train(name: str, config: Path, run: Path, ranks: int, trainer_args: list[str]) -> int:
+    if finished(run):
+        print(f"{name}: finished, not trained again", file=sys.stderr)
+        return 0
+    print(f"{name}: training{' (resuming)' if (run / 'checkpoints').exists() else ''}", file=sys.stderr)
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(ranks), "trainer/main.py",
+           "--deepspeed_config", str(config), *trainer_args]
+    return subprocess.run(cmd, cwd=ROOT).returncode
+
+
+def evaluate(run: Path, sets: dict, device: str) -> dict:
+    """{test set: {"wer", "cer", ...}} of a finished run's newest checkpoint (consolidated once, kept)."""
+    model = run / "model"
+    if not (model / "config.json").exists():
+        consolidate(str(run), str(model))
+    recognizer = Recognizer(str(model), device)
+    return {name: score(recognizer, utts, None) for name, utts in sets.items()}
+
+
+def mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+
+
+def seeds_of(results: dict, mode: str) -> list[dict]:
+    return [r for name, r in sorted(results.items()) if name.split("-seed")[0] == mode]
+
+
+def error_table(results: dict, modes: list[str], sets: list[str], ood: list[str]) -> list[str]:
+    """Markdown rows: a WER and a CER column per set and over the OOD sets, mean ± sd over seeds."""
+    columns = sets + (["OOD average"] if ood else [])
+
+    def rate(r: dict, col: str, metric: str) -> float:
+        if col == "OOD average":
+            return statistics.mean(r[s][metric] for s in ood)
+        return r[col][metric]
+
+    rows = ["| mode | seeds | " + " | ".join(f"{c} {m.upper()}" for c in columns for m in ("wer", "cer")) + " |",
+            "|---|---|" + "---|" * (2 * len(columns))]
+    for mode in modes:
+        runs = seeds_of(results, mode)
+        cells = [mean_sd([rate(r, c, m) for r in runs]) for c in columns for m in ("wer", "cer")]
+        rows.append(f"| {mode} | {len(runs)} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def relative_change(results: dict, modes: list[str], sets: list[str], ood: list[str]) -> list[str]:
+    """Relative WER change of omni vs dense and vs switch, on seed means (the paper's headline metric)."""
+    if "omni" not in modes:
+        return []
+    columns = sets + (["OOD average"] if ood else [])
+
+    def wer(mode: str, col: str) -> float:
+        runs = seeds_of(results, mode)
+        pick = (lambda r: statistics.mean(r[s]["wer"] for s in ood)) if col == "OOD average" else \
+            (lambda r: r[col]["wer"])
+        return statistics.mean(pick(r) for r in runs)
+
+    rows = ["| relative WER change | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for other in [m for m in ("dense", "switch") if m in modes]:
+        cells = [f"{100 * (wer('omni', c) - wer(other, c)) / wer(other, c):+.1f}%" for c in columns]
+        rows.append(f"| omni vs {other} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def last_eval(run: Path) -> dict:
+    evals = [r for r in read_metrics(run) if r.get("kind") == "eval"]
+    return evals[-1] if evals else {}
+
+
+def routing_rows(runs: dict, modes: list[str]) -> list[str]:
+    rows = ["| mode | busiest expert's load per MoE layer | adjacent-layer NMI |", "|---|---|---|"]
+    for mode in modes:
+        evals = [last_eval(r) for name, r in sorted(runs.items()) if name.split("-seed")[0] == mode]
+        layers = [e["routing"]["layers"] for e in evals if e.get("routing", {}).get("layers")]
+        if not layers:
+            continue
+        busiest = [statistics.mean(max(run[i]["load"]) for run in layers) for i in range(len(layers[0]))]
+        nmi = [statistics.mean(e["routing"]["adjacent_nmi"][i] for e in evals) for i in
+               range(len(evals[0]["routing"]["adjacent_nmi"]))]
+        rows.append(f"| {mode} | {' '.join(f'{x:.2f}' for x in busiest)} | {' '.join(f'{x:.2f}' for x in nmi)} |")
+    return rows
+
+
+def plots(runs: dict, modes: list[str], out: Path):
+    colours = dict(zip(MODES, ("tab:gray", "tab:blue", "tab:red")))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, run in sorted(runs.items()):
+        points = [(r["step"], r["ctc"]) for r in read_metrics(run) if r.get("kind") == "train"]
+        if points:
+            ax.plot(*zip(*points), color=colours.get(name.split("-seed")[0]), alpha=0.8, label=name)
+    ax.set(title="training CTC loss per frame", xlabel="step", yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in [m for m in modes if m != "dense"]:
+        evals = [last_eval(r) for n, r in runs.items() if n.split("-seed")[0] == mode and last_eval(r)]
+        if not evals:
+            continue
+        layers = evals[0]["routing"]["layers"]
+        busiest = [statistics.mean(max(e["routing"]["layers"][i]["load"]) for e in evals) for i in range(len(layers))]
+        nmi = [statistics.mean(e["routing"]["adjacent_nmi"][i] for e in evals)
+               for i in range(len(evals[0]["routing"]["adjacent_nmi"]))]
+        axes[0].plot(range(len(busiest)), busiest, marker="o", color=colours[mode], label=mode)
+        axes[1].plot([f"{i}-{i + 1}" for i in range(len(nmi))], nmi, marker="o", color=colours[mode], label=mode)
+    axes[0].set(title="busiest expert's load fraction", xlabel="MoE layer")
+    axes[1].set(title="adjacent-layer NMI of expert choices", xlabel="layers", ylim=(0, 1))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "routing.png", dpi=120)
+    plt.close(fig)
+
+
+def report(out: Path, tests: list[tuple[str, str]], ood: list[str], device: str) -> str:
+    """Evaluate every finished run on every test set and write report.md and the PNGs; return the Markdown."""
+    tasks = read_tasks(out)
+    runs = {name: run for name, _, run in tasks if finished(run)}
+    if not runs:
+        raise ConfigError(f"{out}: no finished run to report on")
+    sets = {name: read_sources([path], [], float("inf"), strict=False)[0] for name, path in tests}
+    results = {}
+    for name, run in sorted(runs.items()):
+        cached = run / "test_results.json"
+        if cached.exists() and set(json.loads(cached.read_text())) == set(sets):
+            results[name] = json.loads(cached.read_text())
+        else:
+            results[name] = evaluate(run, sets, device)
+            cached.write_text(json.dumps(results[name], indent=1))
+    modes = [m for m in MODES if any(n.split("-seed")[0] == m for n in runs)]
+    missing = sorted(n for n, _, _ in tasks if n not in runs)
+    lines = ["# Dense vs Switch vs Omni-Router", "",
+             f"{len(runs)} finished runs ({', '.join(sorted(runs))})"
+             + (f"; not finished, left out: {', '.join(missing)}" if missing else "") + ".",
+             f"OOD sets: {', '.join(ood) if ood else 'none given'}. WER and CER in %, mean ± standard deviation "
+             "over seeds.", "", *error_table(results, modes, list(sets), ood), "",
+             *relative_change(results, modes, list(sets), ood), "", "Routing at the last evaluation (dev sets):", "",
+             *routing_rows(runs, modes), "", "![training loss](curves.png) ![routing](routing.png)", ""]
+    plots(runs, modes, out)
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    return text
+
+
+def default_tests(config: str) -> list[tuple[str, str]]:
+    """The embedded corpus's held-out sets (test: in-domain, test_ood: other voices and text)."""
+    _, project = load_config(config)
+    corpus = Path(project.data.corpus_dir).expanduser()
+    return [("test", str(corpus / "test.jsonl")), ("test_ood", str(corpus / "test_ood.jsonl"))]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", nargs="?", choices=["all", "plan", "report"], default="all",
+                   help="all (default): plan, train one after another, report; plan: configs and the task list "
+                        "for slurm/compare.sh; report: evaluate the finished runs and write the report")
+    p.add_argument("--config", default="ds_configs/omni.json", help="the base config (its moe.mode is replaced)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--out", required=True, help="folder of the runs, their configs and the report")
+    p.add_argument("--test", action="append", type=named, default=None,
+                   help="[NAME=]manifest (repeatable); default: the embedded corpus's test and test_ood")
+    p.add_argument("--ood", nargs="*", default=None, help="test sets averaged as out-of-domain (default: names "
+                                                         "containing 'ood')")
+    p.add_argument("--num_gpus", type=int, default=1, help="ranks per local run")
+    p.add_argument("--device", default="cpu", help="for evaluation")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, trainer_args = p.parse_args(argv[:cut]), argv[cut + 1:]
+    out = Path(args.out)
+    try:
+        if args.stage in ("all", "plan"):
+            tasks = plan(args.config, args.modes, args.seeds, out)
+            print(f"{len(tasks)} runs planned in {out / TASKS}", file=sys.stderr)
+        if args.stage == "all":
+            for name, config, run in tasks:
+                code = train(name, config, run, args.num_gpus, trainer_args)
+                if code != 0:
+                    print(f"error: {name} exited {code}; run the command again to resume it", file=sys.stderr)
+                    return 1
+        if args.stage in ("all", "report"):
+            tests = args.test or default_tests(args.config if args.stage == "all" else str(read_tasks(out)[0][1]))
+            ood = args.ood if args.ood is not None else [n for n, _ in tests if "ood" in n]
+            print(report(out, tests, ood, args.device))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
