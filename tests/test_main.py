@@ -2,12 +2,11 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 from tests.common import launch, tiny_config
+from tools.fault_drill import bad_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -79,24 +78,10 @@ def test_resumed_run_on_two_ranks_equals_an_uninterrupted_one(tmp_path, corpus, 
 
 
 def test_bad_data_is_skipped_by_two_ranks_or_refused_when_strict(tmp_path, corpus):
-    rows = [json.loads(line) for line in (corpus / "train.jsonl").read_text().splitlines()]
-    for r in rows:
-        r["audio_filepath"] = str(corpus / r["audio_filepath"])
-    good = (corpus / rows[0]["audio_filepath"]).read_bytes()
-    (tmp_path / "trunc.flac").write_bytes(good[:300])
-    wave = np.sin(np.arange(16000) / 10).astype("float32")
-    wave[5:9] = np.nan
-    sf.write(tmp_path / "nan.wav", wave, 16000, subtype="FLOAT")
-    bad = ["{oops", json.dumps({"audio_filepath": "nowhere.flac", "duration": 1.0, "text": "gone"}),
-           json.dumps({"audio_filepath": "trunc.flac", "duration": 1.2, "text": "cut short"}),
-           json.dumps({"audio_filepath": "nan.wav", "duration": 1.0, "text": "not a number"}),
-           '{"audio_filepath": "x.flac", "duration": 1.0, "text": "na\xefve"}']
-    manifest = tmp_path / "train.jsonl"
-    manifest.write_bytes("\n".join([json.dumps(r) for r in rows] + bad).encode("latin-1") + b"\n")
+    manifest, n = bad_manifest(corpus, tmp_path)  # five bad rows after the n good ones
     cmd = ["--train_manifest", str(manifest), "--dev_manifest", str(corpus / "dev.jsonl")]
     proc = launch(tiny_config(tmp_path), corpus, tmp_path / "run", 2, cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    n = len(rows)
     assert f"train.jsonl:{n + 1}: not JSON" in proc.stdout and f"train.jsonl:{n + 2}: audio" in proc.stdout
     assert f"train.jsonl:{n + 5}: not UTF-8 (byte 0xef" in proc.stdout
     assert f"skipping {manifest}:{n + 3}" in proc.stderr and "skipped 2 utterances whose audio" in proc.stdout

@@ -212,13 +212,12 @@ def latest(out: Path) -> str:
 
 
 # -- bad input ----------------------------------------------------------------------------------------------
-def bad_manifest(drill: Drill) -> tuple[Path, int]:
-    """The corpus's training rows plus five bad ones: not JSON, missing audio, truncated FLAC, NaN samples, a
-    line that is not UTF-8. Returns (manifest, number of good rows)."""
-    rows = [json.loads(line) for line in (drill.corpus / "train.jsonl").read_text().splitlines()]
+def bad_manifest(corpus: Path, folder: Path) -> tuple[Path, int]:
+    """The corpus's training rows plus five bad ones, written into ``folder``: not JSON, missing audio,
+    truncated FLAC, NaN samples, a line that is not UTF-8. Returns (manifest, number of good rows)."""
+    rows = [json.loads(line) for line in (corpus / "train.jsonl").read_text().splitlines()]
     for r in rows:
-        r["audio_filepath"] = str(drill.corpus / r["audio_filepath"])
-    folder = drill.work / "bad"
+        r["audio_filepath"] = str(corpus / r["audio_filepath"])
     folder.mkdir(exist_ok=True)
     (folder / "trunc.flac").write_bytes(Path(rows[0]["audio_filepath"]).read_bytes()[:300])
     wave = np.sin(np.arange(16000) / 10).astype("float32")
@@ -234,7 +233,7 @@ def bad_manifest(drill: Drill) -> tuple[Path, int]:
 
 
 def probe_bad_input(drill: Drill) -> Row:
-    manifest, n = bad_manifest(drill)
+    manifest, n = bad_manifest(drill.corpus, drill.work / "bad")
     extra = ["--train_manifest", str(manifest), "--dev_manifest", str(drill.corpus / "dev.jsonl")]
     proc = drill.launch(drill.work / "bad_input", extra)
     log = proc.stdout + proc.stderr
@@ -247,7 +246,7 @@ def probe_bad_input(drill: Drill) -> Row:
 
 
 def probe_bad_input_strict(drill: Drill) -> Row:
-    manifest, n = bad_manifest(drill)
+    manifest, n = bad_manifest(drill.corpus, drill.work / "bad")
     out = drill.work / "bad_strict"
     proc = drill.launch(out, ["--train_manifest", str(manifest), "--dev_manifest", str(drill.corpus / "dev.jsonl"),
                               "--strict_data"])
