@@ -93,21 +93,22 @@ def test_signalled_job_saves_requeues_itself_and_resumes(cluster, corpus, tmp_pa
 def test_compare_sh_runs_one_array_task_per_mode_and_seed(cluster, corpus, tmp_path):
     from tools.compare_routing import main as compare
     runs = tmp_path / "cmp"
-    assert compare(["plan", "--config", tiny_config(tmp_path, run={"max_steps": 4}), "--modes", "switch", "omni",
-                    "--seeds", "1", "--out", str(runs)]) == 0
+    assert compare(["plan", "--config", tiny_config(tmp_path, run={"max_steps": 4}), "--seeds", "1", "--out",
+                    str(runs)]) == 0
     one_task = ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=15"]
-    proc = sbatch(cluster, "slurm/compare.sh", one_task + ["--array=0-1", f"--output={tmp_path}/cmp-%A_%a.out"], {},
+    proc = sbatch(cluster, "slurm/compare.sh", one_task + ["--array=0-2", f"--output={tmp_path}/cmp-%A_%a.out"], {},
                   [str(runs), "--corpus_dir", str(corpus)])
     job = job_id(proc)
     assert proc.wait(timeout=600) == 0, "".join(p.read_text()[-2000:] for p in tmp_path.glob("cmp-*.out"))
-    for mode in ("switch", "omni"):
+    for mode in ("dense", "switch", "omni"):
         assert (runs / "runs" / f"{mode}-seed1" / "results.json").exists()
     logs = sorted(tmp_path.glob(f"cmp-{job}_*.out"))
-    assert len(logs) == 2 and all("1 ranks" in p.read_text() for p in logs)
+    assert len(logs) == 3 and all("1 ranks" in p.read_text() for p in logs)
     again = sbatch(cluster, "slurm/compare.sh", one_task + ["--array=1", f"--output={tmp_path}/again-%A_%a.out"], {},
                    [str(runs)])
     again_job = job_id(again)
     assert again.wait(timeout=300) == 0
     assert "is finished" in (tmp_path / f"again-{again_job}_1.out").read_text()
     assert compare(["report", "--out", str(runs), "--test", f"test={corpus / 'test.jsonl'}"]) == 0
-    assert "| omni vs switch |" in (runs / "report.md").read_text()
+    report = (runs / "report.md").read_text()
+    assert "| omni vs dense |" in report and "| omni vs switch |" in report

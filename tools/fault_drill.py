@@ -332,6 +332,23 @@ def probe_launcher_sigterm_slow_save(drill: Drill) -> Row:
                f"{latest(out)}; {stop_tags[-1] if stop_tags else 'no'} stop save left incomplete", bool(ok))
 
 
+def probe_signal_during_slow_save(drill: Drill) -> Row:
+    """SIGUSR1 while a periodic save outlasts run.stop_grace_s: the save finishes, the stop is taken at the next
+    step, and the run exits 75 (a save is not "no progress")."""
+    out = drill.work / "signal_in_save"
+    run = drill.start(out, ["--max_steps", str(LONG), "--set", "run.save_every=2", "--set", "run.stop_grace_s=2"],
+                      script=drill.slow_trainer(), env={"DRILL_SAVE_S": "5"})
+    run.wait_for("saved checkpoint")  # step 2, published at once; the save at step 4 takes 5 s more
+    run.wait_for("step 4/")
+    run.rank(0).send_signal(signal.SIGUSR1)
+    code = run.finish()
+    saved = latest(out)
+    ok = code == 75 and "stop requested (SIGUSR1)" in run.log and saved not in ("step2", "step4", "(none)") \
+        and not checkpoint.problem(out / "checkpoints", saved)
+    return Row("signal_during_slow_save", "a stop requested during a 5 s save (grace 2 s) is taken after it: exit 75",
+               f"exit {code}; latest {saved}", ok)
+
+
 def probe_lock(drill: Drill) -> Row:
     out = drill.work / "lock"
     first = drill.start(out, ["--max_steps", str(LONG)])
@@ -349,7 +366,7 @@ def probe_lock(drill: Drill) -> Row:
 
 def probe_hung_rank_timeout(drill: Drill) -> Row:
     out = drill.work / "hung_timeout"
-    run = drill.start(out, ["--max_steps", str(LONG), "--set", "run.collective_timeout_s=5", "--set",
+    run = drill.start(out, ["--max_steps", str(LONG), "--set", "run.collective_timeout_s=3", "--set",
                             "run.save_every=0"])  # saves have their own, longer timeout
     run.wait_for("step 4/")
     stuck = run.rank(1)
@@ -525,6 +542,7 @@ PROBES: dict[str, Callable[[Drill], Row]] = {
     "runner_SIGTERM": lambda d: probe_runner_signal(d, signal.SIGTERM),
     "runner_SIGINT": lambda d: probe_runner_signal(d, signal.SIGINT),
     "launcher_sigterm_slow_save": probe_launcher_sigterm_slow_save,
+    "signal_during_slow_save": probe_signal_during_slow_save,
     "output_dir_lock": probe_lock,
     "hung_rank_timeout": probe_hung_rank_timeout,
     "hung_rank_sigterm_grace": lambda d: probe_hung_rank_sigterm(d, second_signal=False),

@@ -6,6 +6,7 @@ normalises the loss (``objective``), and evaluation scores the dev sets (``evalu
 """
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,10 +60,11 @@ class Trainer:
     def save(self, finished: bool = False) -> str:
         self.phase = f"saving checkpoint step{self.engine.global_steps}"
         world = distributed.world()
-        return self.checkpointer.save(Record(
-            project_config=self.project.model_dump(), step=self.engine.global_steps, epoch=self.state.epoch,
-            position=self.state.position, world_size=world, ep_size=resolve_ep_size(self.project.moe, world),
-            finished=finished))
+        with self.stop.save() if self.stop else nullcontext():
+            return self.checkpointer.save(Record(
+                project_config=self.project.model_dump(), step=self.engine.global_steps, epoch=self.state.epoch,
+                position=self.state.position, world_size=world, ep_size=resolve_ep_size(self.project.moe, world),
+                finished=finished))
 
     def resume(self, reset_optimizer: bool = False) -> bool:
         """Continue from the newest usable checkpoint, if any (see ``Checkpointer.resume``); the metrics written

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 from trainer.deepspeed_contract import is_deepspeed_launcher, is_deepspeed_runner
 
@@ -32,6 +33,7 @@ class StopSignal:
         self.signals = 0
         self.last_beat = time.monotonic()
         self.acknowledged = False
+        self.saving = False  # a checkpoint save is under way: it beats no one, and has a timeout of its own
         self.parents = launcher_chain()
         read, write = os.pipe()
         os.set_blocking(write, False)
@@ -44,6 +46,17 @@ class StopSignal:
     def beat(self):
         """The loop made progress (a micro-batch or an evaluation batch done)."""
         self.last_beat = time.monotonic()
+
+    @contextmanager
+    def save(self):
+        """No deadline while a checkpoint is written (its collectives have ``run.checkpoint_timeout_s``): a stop
+        requested during a long periodic save is taken at the next step, not turned into an unsaved exit."""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+            self.beat()
 
     def acknowledge(self):
         """The loop has seen the stop and begun the save: no deadline any more (a second signal still ends)."""
@@ -58,7 +71,8 @@ class StopSignal:
             gone = [pid for pid, parent in self.parents.items() if _parent(pid) != parent]
             if gone and not self.received:
                 self._request("the DeepSpeed launcher that started this rank is gone", counted=False)
-            if self.received and not self.acknowledged and time.monotonic() - self.last_beat > self.grace_s:
+            late = time.monotonic() - self.last_beat > self.grace_s
+            if self.received and not self.acknowledged and not self.saving and late:
                 self._exit(f"no step boundary within {self.grace_s:.0f} s of the stop request ({self.received}); "
                            "this rank may be stuck in a collective")
 
