@@ -7,8 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tests.distributed import free_port
-from tools.fault_drill import tiny_config
+from tools.fault_drill import free_port, tiny_config
 
 from trainer.config import DataConfig, ModelConfig, MoEConfig, ProjectConfig
 

@@ -1,17 +1,12 @@
 """Run a test function on N real processes joined over gloo, with a deadline instead of a hang."""
 import os
-import socket
 import tempfile
 import time
 
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tools.fault_drill import free_port
 
 
 def _entry(rank, fn, world, port, out_dir, args):

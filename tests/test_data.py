@@ -1,4 +1,5 @@
-"""The data pipeline on real audio files: manifests, Hugging Face datasets, LibriSpeech layout, bad input."""
+"""The data pipeline on real audio files: manifests, Lhotse cut sets, Hugging Face datasets, LibriSpeech layout,
+bad input."""
 import json
 from pathlib import Path
 
@@ -7,10 +8,12 @@ import pytest
 import soundfile as sf
 import torch
 
+from tools.make_cuts import make_cuts
 from tools.prepare_librispeech import main as prepare_librispeech
 from trainer.config import DataConfig, HFSource
 from trainer.data import SpeechDataset, length_batches, padding_fraction, shard, train_batches
-from trainer.sources import DataError, read_manifest, read_sources
+from trainer.audio import load_audio
+from trainer.sources import DataError, read_cuts, read_manifest, read_sources
 from trainer.text import Tokenizer
 
 
@@ -140,6 +143,55 @@ def test_hugging_face_saved_audiofolder_and_parquet(tmp_path, tokenizer):
         assert feats.shape[1] == 80 and feats.shape[0] in (58, 108)
     with pytest.raises(DataError, match=r"no column 'audio' \(columns: speech, sentence\)"):
         read_sources([], [HFSource(path=str(tmp_path / "saved"))], 20.0, strict=False)
+    # Durations are read from the headers once, then from the cache of this dataset's fingerprint.
+    src, cache = HFSource(path=str(tmp_path / "saved"), audio_column="speech", text_column="sentence"), tmp_path / "d"
+    first = read_sources([], [src], 20.0, strict=True, duration_cache=str(cache))[0]
+    [stored] = cache.glob("*.json")
+    stored.write_text(json.dumps([0.25, "audio unreadable (planted)"]))
+    second, problems = read_sources([], [src], 20.0, strict=False, duration_cache=str(cache))
+    assert [round(u.duration, 2) for u in first] == [0.6, 1.1] and [u.duration for u in second] == [0.25]
+    assert problems == [f"{src.path}[1]: audio unreadable (planted)"]
+
+
+def test_lhotse_cut_sets_one_utterance_per_supervision_at_its_offset(tmp_path, corpus):
+    manifest = str(corpus / "dev.jsonl")
+    plain, _ = read_manifest(manifest, 20.0)
+    # Libriheavy's layout (one cut per supervision, offsets into long recordings) and whole-recording cuts with
+    # several supervisions each; audio paths relative to the cut set's folder.
+    for whole in (False, True):
+        cuts = make_cuts(manifest, str(tmp_path / f"{whole}.jsonl.gz"), join=3, whole=whole)
+        utts, problems = read_cuts(str(cuts), 20.0, root=str(tmp_path), deep=True)
+        assert problems == [] and [u.text for u in utts] == [u.text for u in plain]
+        for u, p in list(zip(utts, plain))[:7]:  # each segment is exactly its utterance's audio
+            a, b = load_audio(u.audio, u.offset, u.duration), load_audio(p.audio)
+            assert u.segment and abs(len(a) - len(b)) <= 1 and torch.equal(a[:len(b)], b[:len(a)])
+    assert utts[1].offset > 0 and "supervision" in utts[1].origin
+
+
+def test_bad_cuts_are_named_and_skipped_or_refused_and_channels_mixed(tmp_path):
+    from lhotse import CutSet, Recording
+    wave = tone(1.0)
+    sf.write(tmp_path / "stereo.flac", np.stack([wave, 0.5 * wave], 1), 16000)
+    good = Recording.from_file(tmp_path / "stereo.flac").to_cut()
+    rows = [good.to_dict() for _ in range(5)]
+    for row, text in zip(rows, ("a stereo tone", "x", "", "y", "z")):
+        row["supervisions"] = [{"id": "s", "recording_id": row["recording"]["id"], "start": 0.0, "duration": 1.0,
+                                "channel": [0, 1], "text": text}]
+    rows[1]["recording"]["sources"][0]["source"] = str(tmp_path / "gone.flac")
+    rows[3]["start"] = 2.5  # past the end of the 1 s recording
+    del rows[4]["supervisions"]
+    path = write_manifest(tmp_path / "cuts.jsonl", rows + ["{not json"])
+    assert list(CutSet.from_file(write_manifest(tmp_path / "ok.jsonl", rows[:1])).ids) == [good.id]  # as Lhotse
+    utts, problems = read_cuts(path, 20.0)
+    assert [u.text for u in utts] == ["a stereo tone"]
+    assert torch.allclose(load_audio(utts[0].audio, 0.0, 1.0), torch.from_numpy(0.75 * wave), atol=1e-4)
+    assert [p.split(": ", 1)[0] for p in problems] == [f"{path}:{n} (cut {good.id})" for n in (2, 3, 4, 5)] + \
+        [f"{path}:6"]
+    assert f"audio {tmp_path / 'gone.flac'} does not exist" in problems[0] and "has no letter" in problems[1]
+    assert "2.50-3.50 s lies past the end of recording" in problems[2] and "no supervision" in problems[3]
+    assert "not a Lhotse cut" in problems[4]
+    with pytest.raises(DataError, match="5 unusable rows"):
+        read_sources([], [], 20.0, strict=True, cuts=[path])
 
 
 def test_prepare_librispeech_layout(tmp_path):

@@ -6,17 +6,27 @@ import pytest
 import torch
 
 from tests.common import launch, tiny_config
+from tools.make_cuts import make_cuts
 from tools.fault_drill import bad_manifest
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("mode,ranks,gas", [("omni", 1, 1), ("omni", 2, 1), ("switch", 2, 2), ("dense", 1, 1)])
-def test_main_job_trains_saves_and_scores(tmp_path, corpus, mode, ranks, gas):
+def cut_sets(corpus, folder) -> list:
+    """The corpus as Lhotse cut sets (Libriheavy's layout for training, whole recordings for dev): flags."""
+    train = make_cuts(str(corpus / "train.jsonl"), str(folder / "train.jsonl.gz"), join=3)
+    dev = make_cuts(str(corpus / "dev.jsonl"), str(folder / "dev.jsonl.gz"), join=3, whole=True)
+    return ["--train_cuts", str(train), "--dev_cuts", str(dev), "--set", f"data.cuts_root={folder}"]
+
+
+@pytest.mark.parametrize("mode,ranks,gas,source", [("omni", 1, 1, "manifest"), ("omni", 2, 1, "cuts"),
+                                                   ("switch", 2, 2, "manifest"), ("dense", 1, 1, "manifest")])
+def test_main_job_trains_saves_and_scores(tmp_path, corpus, mode, ranks, gas, source):
     out = tmp_path / "run"
     # The global batch is 2500 frames whatever the ranks; a per-rank cap of 625 frames needs 2 micro-batches.
     cap = {"max_frames_per_rank": 2500 // ranks // gas}
-    proc = launch(tiny_config(tmp_path, mode, data=cap), corpus, out, ranks)
+    extra = cut_sets(corpus, tmp_path / "cuts") if source == "cuts" else []
+    proc = launch(tiny_config(tmp_path, mode, data=cap), corpus, out, ranks, extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     micro = 2500 // ranks // gas
     assert f"per step = {ranks} rank(s) x {gas} micro-batch(es) x {micro:,} frames" in proc.stdout
@@ -34,6 +44,7 @@ def test_main_job_trains_saves_and_scores(tmp_path, corpus, mode, ranks, gas):
     assert len(experts) == (0 if mode == "dense" else 2 * 4)  # 2 MoE layers x 4 experts, by global id
     ep = 1 if mode == "dense" else ranks
     assert f"{ranks} rank(s), ep_size {ep}" in proc.stdout
+    assert ("cuts/train.jsonl.gz; dev sets: dev" in proc.stdout) == (source == "cuts")  # the sources read
     rng = [torch.load(ckpt / f"rng_rank{r}.pt", weights_only=True) for r in range(ranks)]
     assert all({"torch", "accelerator", "python"} <= set(state) for state in rng)
     if ranks == 2:  # each rank draws its own dropout masks

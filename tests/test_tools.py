@@ -53,6 +53,7 @@ def test_compare_routing_trains_each_mode_once_evaluates_and_reports(tmp_path, c
     assert "| mode | seeds | test_ood WER | test_ood CER | OOD average WER | OOD average CER |" in report
     assert "| omni vs dense |" in report and "switch" not in report
     assert (out / "curves.png").read_bytes().startswith(b"\x89PNG") and (out / "routing.png").exists()
+    assert json.loads((corpus / "corpus.json").read_text())["seed"] == 1234  # seed 7 trained on the same corpus
     second = run_tool(*args)
     assert second.returncode == 0 and second.stderr.count("finished, not trained again") == 2
     assert (out / "report.md").read_text() == report

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -61,7 +62,8 @@ def tiny_config(folder: Path, mode: str = "omni", run: Optional[dict] = None, **
     cfg = json.loads((ROOT / "ds_configs" / f"{mode}.json").read_text())
     cfg.update(ds_extra)
     cfg["omni_router"]["model"].update(d_model=32, num_layers=2, num_heads=2, ffn_dim=64)
-    cfg["omni_router"]["data"].update(corpus_sentences=60, vocab_size=48, batch_frames=2500, **cfg.pop("data", {}))
+    cfg["omni_router"]["data"].update(corpus_sentences=60, corpus_words=0, vocab_size=48, batch_frames=2500,
+                                      **cfg.pop("data", {}))
     cfg["omni_router"]["run"].update({"max_steps": 24, "log_every": 4, **(run or {})})
     cfg["scheduler"]["params"]["warmup_num_steps"] = 5
     path = Path(folder) / f"{mode}-{len(list(Path(folder).glob('*.json')))}.json"
@@ -70,7 +72,6 @@ def tiny_config(folder: Path, mode: str = "omni", run: Optional[dict] = None, **
 
 
 def free_port() -> int:
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -141,7 +142,7 @@ class Drill:
         if corpus is None:
             from trainer.corpus import build_corpus
             corpus = self.work / "corpus"
-            build_corpus(str(corpus), 60, seed=1234)  # the config's run.seed: the trainer reuses it
+            build_corpus(str(corpus), 60, seed=1234)  # data.corpus_seed's default: the trainer reuses it
         self.corpus = Path(corpus)
         self.config = tiny_config(self.work, run={"max_steps": 8, "save_every": 4, "log_every": 2})
         self.env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -333,20 +334,20 @@ def probe_launcher_sigterm_slow_save(drill: Drill) -> Row:
 
 
 def probe_signal_during_slow_save(drill: Drill) -> Row:
-    """SIGUSR1 while a periodic save outlasts run.stop_grace_s: the save finishes, the stop is taken at the next
-    step, and the run exits 75 (a save is not "no progress")."""
+    """SIGUSR1 to rank 1 alone while a periodic save outlasts run.stop_grace_s: the save finishes, every rank
+    stops at the next step boundary, and the run exits 75 (a save is not "no progress")."""
     out = drill.work / "signal_in_save"
     run = drill.start(out, ["--max_steps", str(LONG), "--set", "run.save_every=2", "--set", "run.stop_grace_s=2"],
                       script=drill.slow_trainer(), env={"DRILL_SAVE_S": "5"})
     run.wait_for("saved checkpoint")  # step 2, published at once; the save at step 4 takes 5 s more
     run.wait_for("step 4/")
-    run.rank(0).send_signal(signal.SIGUSR1)
+    run.rank(1).send_signal(signal.SIGUSR1)
     code = run.finish()
     saved = latest(out)
-    ok = code == 75 and "stop requested (SIGUSR1)" in run.log and saved not in ("step2", "step4", "(none)") \
+    ok = code == 75 and "stop requested (by another rank)" in run.log and saved not in ("step2", "step4", "(none)") \
         and not checkpoint.problem(out / "checkpoints", saved)
-    return Row("signal_during_slow_save", "a stop requested during a 5 s save (grace 2 s) is taken after it: exit 75",
-               f"exit {code}; latest {saved}", ok)
+    return Row("signal_during_slow_save", "SIGUSR1 to rank 1 during a 5 s save (grace 2 s): all ranks stop after "
+               "it, save, exit 75", f"exit {code}; latest {saved}", ok)
 
 
 def probe_lock(drill: Drill) -> Row:

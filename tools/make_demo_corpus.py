@@ -16,7 +16,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--train_sentences", type=int, default=3000)
     p.add_argument("--words", type=int, default=0, help="speak only sentences of the N most frequent words (0: all)")
-    p.add_argument("--seed", type=int, default=1234, help="the trainer's default run.seed, so it reuses this")
+    p.add_argument("--seed", type=int, default=1234, help="the trainer's default data.corpus_seed, so it reuses this")
     p.add_argument("--workers", type=int, default=0, help="0: one per core")
     args = p.parse_args(argv)
     try:

@@ -107,8 +107,16 @@ class DataConfig(_Strict):
     dev_manifests: list[str] = Field([], description="dev manifests, each its own dev set")
     train_hf: list[HFSource] = Field([], description="Hugging Face datasets on disk for training")
     dev_hf: list[HFSource] = Field([], description="Hugging Face datasets on disk, each its own dev set")
+    train_cuts: list[str] = Field([], description="Lhotse cut sets (.jsonl.gz), e.g. libriheavy_cuts_small.jsonl.gz")
+    dev_cuts: list[str] = Field([], description="Lhotse cut sets, each its own dev set")
+    cuts_root: str = Field("", description="folder relative audio paths of cut sets start from (empty: the "
+                                           "current folder, as Lhotse does)")
+    duration_cache: str = Field("~/.cache/omni-router/durations",
+                                description="where durations of Hugging Face datasets are cached (empty: none)")
     corpus_dir: str = Field("~/.cache/omni-router/demo-corpus", description="where the embedded corpus is built")
     corpus_sentences: int = Field(3000, description="training sentences of the embedded corpus (at most)")
+    corpus_seed: int = Field(1234, description="the embedded corpus's draw of voices, speeds and pitches (not "
+                                               "run.seed: runs of every seed share one corpus)")
     corpus_words: int = Field(
         0, description="the embedded corpus speaks only sentences of WordNet's N most frequent example words (0: all)")
     vocab_size: int = Field(256, description="sentencepiece pieces (the CTC blank comes on top)")

@@ -40,7 +40,7 @@ class SpeechDataset(Dataset):
     def features(self, i: int) -> torch.Tensor:
         u = self.utts[i]
         source = hf_audio_file(u.hf, u.row) if u.hf else u.audio
-        wave = load_audio(source, u.offset, u.duration if u.offset else 0.0)
+        wave = load_audio(source, u.offset, u.duration if u.offset or u.segment else 0.0)
         if self.speeds:
             wave = speed_perturb(wave, random.Random(f"{self.seed}:{self.epoch}:{i}").choice(self.speeds))
         return self.normalize(log_mel(wave, self.n_mels))

@@ -40,6 +40,13 @@ def init(timeout_s: float = 300.0) -> tuple[int, int]:
 _timeout_s = [300.0]  # the run's collective timeout, given at init
 
 
+def shutdown():
+    """Destroy the process groups while the interpreter is whole. Left to interpreter exit, gloo's worker
+    threads can abort the process (SIGABRT, "terminate called without an active exception"; pytorch#190489)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def apply_timeout(seconds: Optional[float] = None):
     """Give every process group of this process the timeout (default: the run's). Groups made after init
     (DeepSpeed's expert and data-parallel groups) otherwise get the backend's default, 30 min for gloo."""

@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--train_manifest", action="append", default=None,
                    help="NeMo JSON-lines manifest (repeatable); default: the embedded corpus")
     p.add_argument("--dev_manifest", action="append", default=None, help="dev manifest (repeatable)")
+    p.add_argument("--train_cuts", action="append", default=None, help="Lhotse cut set for training (repeatable)")
+    p.add_argument("--dev_cuts", action="append", default=None, help="Lhotse cut set, a dev set (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the omni_router section, e.g. --set run.max_steps=5 "
                         "--set moe.lb_coef=0.02 (repeatable; the value is read as JSON, else as a string)")
@@ -68,6 +70,7 @@ def load_project(args):
     ds_config, project = load_config(args.deepspeed_config)
     aliases = {"run.output_dir": args.output_dir, "run.max_steps": args.max_steps,
                "data.train_manifests": args.train_manifest, "data.dev_manifests": args.dev_manifest,
+               "data.train_cuts": args.train_cuts, "data.dev_cuts": args.dev_cuts,
                "data.corpus_dir": args.corpus_dir, "data.strict_data": args.strict_data}
     assignments = [(k.split("."), v) for k, v in aliases.items() if v is not None]
     return ds_config, with_assignments(project, assignments + [parse_assignment(a) for a in args.set])
@@ -109,25 +112,31 @@ def prepare_data(project):
     """Utterances (the embedded corpus unless given), the tokenizer made once by rank 0, and the datasets."""
     data, out = project.data, Path(project.run.output_dir)
     train_m, dev_m = list(data.train_manifests), list(data.dev_manifests)
-    if not train_m and not data.train_hf:
-        on_rank0(lambda: build_corpus(data.corpus_dir, data.corpus_sentences, seed=project.run.seed,
+    if not train_m and not data.train_hf and not data.train_cuts:
+        on_rank0(lambda: build_corpus(data.corpus_dir, data.corpus_sentences, seed=data.corpus_seed,
                                       words=data.corpus_words))
         corpus = Path(data.corpus_dir).expanduser()
         train_m = [str(corpus / "train.jsonl")]
-        dev_m = dev_m or ([] if data.dev_hf else [str(corpus / "dev.jsonl")])
-    if not dev_m and not data.dev_hf:
-        raise DataError("no dev set: pass --dev_manifest (or omni_router.data.dev_manifests / dev_hf)")
-    train, problems = read_sources(train_m, data.train_hf, data.max_duration, data.strict_data)
+        dev_m = dev_m or ([] if data.dev_hf or data.dev_cuts else [str(corpus / "dev.jsonl")])
+    if not dev_m and not data.dev_hf and not data.dev_cuts:
+        raise DataError("no dev set: pass --dev_manifest or --dev_cuts (or omni_router.data.dev_hf)")
+    options = dict(cuts_root=data.cuts_root, duration_cache=data.duration_cache)
+    train, problems = read_sources(train_m, data.train_hf, data.max_duration, data.strict_data,
+                                   cuts=data.train_cuts, **options)
     report(problems, "train")
     dev = {}  # one set per dev source, named after it: WER is reported per set and averaged
-    for name, manifests, hf in [(Path(m).stem, [m], []) for m in dev_m] + [(Path(h.path).name, [], [h])
-                                                                           for h in data.dev_hf]:
-        utts, problems = read_sources(manifests, hf, data.max_duration, data.strict_data)
+    for name, manifests, cuts, hf in [(Path(m).stem, [m], [], []) for m in dev_m] + \
+                                     [(Path(c).name.split(".jsonl")[0], [], [c], []) for c in data.dev_cuts] + \
+                                     [(Path(h.path).name, [], [], [h]) for h in data.dev_hf]:
+        utts, problems = read_sources(manifests, hf, data.max_duration, data.strict_data, cuts=cuts, **options)
         report(problems, name)
         dev[name if name not in dev else f"{name}.{len(dev)}"] = utts
     for name, utts in [("train", train), *dev.items()]:
         if not utts:
             raise DataError(f"{name}: no usable utterance")
+    read = train_m + list(data.train_cuts) + [h.path for h in data.train_hf]
+    log0(f"train: {len(train):,} utterances, {sum(u.duration for u in train) / 3600:.2f} h, from {', '.join(read)}; "
+         f"dev sets: {', '.join(dev)}")
     sp_path = out / checkpoint.TOKENIZER
     if not sp_path.exists():
         on_rank0(lambda: Tokenizer.train([u.text for u in train], str(sp_path), data.vocab_size))
@@ -153,7 +162,15 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error:\n{e}", file=sys.stderr)
         return 2
-    _, world = distributed.init(project.run.collective_timeout_s)
+    distributed.init(project.run.collective_timeout_s)
+    code = train(args, ds_config, project)  # every rank returns here, in step with the others or alone
+    distributed.shutdown()
+    return code
+
+
+def train(args, ds_config, project) -> int:
+    """The run on this rank: checks, data, model, engine, then training or evaluation; the exit status."""
+    world = distributed.world()
     try:  # checked against the world size before anything is written
         plan = batch_plan(project.data, world)
         resolve_ep_size(project.moe, world)

@@ -1,12 +1,14 @@
-"""Where utterances come from: NeMo JSON-lines manifests and Hugging Face datasets on local disk.
+"""Where utterances come from: NeMo JSON-lines manifests, Lhotse cut sets, and Hugging Face datasets on disk.
 
 Each reader returns the usable utterances and, for every row it could not use, one line naming the file and
 line (or dataset and row) and the reason. The caller decides: skip and report (default), or stop before
 training starts (``strict_data``).
 """
+import hashlib
 import io
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -31,6 +33,7 @@ class Utterance:
     offset: float = 0.0
     hf: Optional[HFSource] = None
     row: int = -1
+    segment: bool = False  # read ``duration`` seconds from ``offset`` even at offset 0 (a cut of a long recording)
 
     @property
     def frames(self) -> int:
@@ -126,21 +129,40 @@ def hf_audio_file(src: HFSource, row: int):
     return io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]
 
 
-def read_hf(src: HFSource, max_duration: float) -> tuple[list[Utterance], list[str]]:
-    """Every row of the dataset; durations come from the audio headers (the dataset stores none)."""
+def _durations(src: HFSource, ds, cache_dir: str) -> list:
+    """Each row's audio duration in seconds, or why it is unreadable. Hugging Face datasets store none, so
+    the headers are read once and cached by the dataset's fingerprint (which changes with its data files)."""
+    key = hashlib.sha1(f"{ds._fingerprint}:{src.audio_column}".encode()).hexdigest()[:16]
+    cache = Path(cache_dir).expanduser() / f"{key}.json" if cache_dir else None
+    if cache is not None and cache.exists():
+        stored = json.loads(cache.read_text())
+        if len(stored) == len(ds):
+            return stored
+    durations = []
+    for i in range(len(ds)):
+        try:
+            durations.append(sf.info(hf_audio_file(src, i)).duration)
+        except Exception as e:  # unreadable audio of any kind is a skipped row, not a crash
+            durations.append(f"audio unreadable ({e})")
+    if cache is not None:  # written whole or not at all: ranks may write it at once
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".partial")
+        with os.fdopen(fd, "w") as f:
+            json.dump(durations, f)
+        os.replace(tmp, cache)
+    return durations
+
+
+def read_hf(src: HFSource, max_duration: float, duration_cache: str = "") -> tuple[list[Utterance], list[str]]:
+    """Every row of the dataset, with durations from the audio headers or their cache (``_durations``)."""
     try:
         ds = open_hf(src)
     except FileNotFoundError as e:
         raise DataError(f"{src.path}: {e}") from None
     utts, problems = [], []
-    for i, text in enumerate(ds[src.text_column]):
+    for i, (text, duration) in enumerate(zip(ds[src.text_column], _durations(src, ds, duration_cache))):
         origin = f"{src.path}[{i}]"
-        try:
-            duration = sf.info(hf_audio_file(src, i)).duration
-        except Exception as e:  # unreadable audio of any kind is a skipped row, not a crash
-            problems.append(f"{origin}: audio unreadable ({e})")
-            continue
-        reason = _check(duration, str(text), max_duration)
+        reason = duration if isinstance(duration, str) else _check(duration, str(text), max_duration)
         if reason:
             problems.append(f"{origin}: {reason}")
         else:
@@ -148,17 +170,72 @@ def read_hf(src: HFSource, max_duration: float) -> tuple[list[Utterance], list[s
     return utts, problems
 
 
-def read_sources(manifests: list[str], hf_sources: list, max_duration: float, strict: bool):
+def _cut_audio(cut, root: str) -> tuple[str, str]:
+    """(audio file, problem) of a cut: one audio file, read whole-channel and mixed to mono like any other."""
+    from lhotse.cut.data import DataCut
+    if not isinstance(cut, DataCut):
+        return "", f"a {type(cut).__name__} (mixtures and padding are not read; trim or mix the cut set first)"
+    rec = cut.recording
+    if rec is None:
+        return "", "no recording"
+    if len(rec.sources) != 1 or rec.sources[0].type != "file":
+        kinds = ", ".join(s.type for s in rec.sources)
+        return "", f"recording {rec.id} has sources of type {kinds}: only one audio file per recording is read"
+    if rec.transforms:
+        return "", f"recording {rec.id} has transforms, which this trainer does not apply"
+    return str(Path(root).expanduser() / rec.sources[0].source), ""
+
+
+def read_cuts(path: str, max_duration: float, root: str = "", deep: bool = False) -> tuple[list[Utterance], list[str]]:
+    """A Lhotse cut set (.jsonl or .jsonl.gz, as Libriheavy publishes): one utterance per supervision, at its
+    offset into the recording. Relative audio paths are resolved against ``root`` (empty: the current
+    folder, as Lhotse does). Lines are read one by one with Lhotse's own deserialiser, so a bad line costs
+    one row."""
+    from lhotse.serialization import deserialize_item, open_best
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such cut set")
+    utts, problems, audio_checked = [], [], {}
+    with open_best(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                cut = deserialize_item(json.loads(raw))
+            except Exception as e:  # JSON, UTF-8 or Lhotse's own schema errors: this line only
+                problems.append(f"{path}:{n}: not a Lhotse cut ({type(e).__name__}: {e})")
+                continue
+            origin = f"{path}:{n} (cut {getattr(cut, 'id', '?')})"
+            audio, reason = _cut_audio(cut, root)
+            if not reason and audio not in audio_checked:
+                audio_checked[audio] = _audio_problem(audio, deep)
+            reason = reason or audio_checked[audio] or ("" if cut.supervisions else "no supervision (no text)")
+            if reason:
+                problems.append(f"{origin}: {reason}")
+                continue
+            for sup in cut.supervisions:
+                start = cut.start + max(sup.start, 0.0)
+                end = cut.start + min(sup.end, cut.duration)
+                where = f"{origin} supervision {sup.id}" if len(cut.supervisions) > 1 else origin
+                if end > cut.recording.duration + 0.01 or start >= cut.recording.duration:
+                    problems.append(f"{where}: {start:.2f}-{end:.2f} s lies past the end of recording "
+                                    f"{cut.recording.id} ({cut.recording.duration:.2f} s)")
+                    continue
+                reason = _check(end - start, sup.text or "", max_duration)
+                if reason:
+                    problems.append(f"{where}: {reason}")
+                else:
+                    utts.append(Utterance(audio, end - start, sup.text, where, start, segment=True))
+    return utts, problems
+
+
+def read_sources(manifests: list[str], hf_sources: list, max_duration: float, strict: bool, cuts: list = (),
+                 cuts_root: str = "", duration_cache: str = ""):
     """All utterances of a split. strict: any problem is a DataError listing them all; else (utts, problems)."""
-    utts, problems = [], []
-    for m in manifests:
-        u, p = read_manifest(m, max_duration, deep=strict)
-        utts += u
-        problems += p
-    for src in hf_sources:
-        u, p = read_hf(src, max_duration)
-        utts += u
-        problems += p
+    parts = [read_manifest(m, max_duration, deep=strict) for m in manifests] + \
+            [read_cuts(c, max_duration, cuts_root, deep=strict) for c in cuts] + \
+            [read_hf(src, max_duration, duration_cache) for src in hf_sources]
+    utts = [u for us, _ in parts for u in us]
+    problems = [p for _, ps in parts for p in ps]
     if strict and problems:
         raise DataError(f"{len(problems)} unusable rows (strict_data):\n" + "\n".join(problems))
     return utts, problems
