@@ -9,11 +9,12 @@ import soundfile as sf
 import torch
 
 from tools.make_cuts import make_cuts
+from tools.make_shards import make_shards
 from tools.prepare_librispeech import main as prepare_librispeech
 from trainer.config import DataConfig, HFSource
-from trainer.data import SpeechDataset, length_batches, padding_fraction, shard, train_batches
+from trainer.data import SpeechDataset, length_batches, padding_fraction, shard, shard_batches, train_batches
 from trainer.audio import load_audio
-from trainer.sources import DataError, read_cuts, read_manifest, read_sources
+from trainer.sources import DataError, load_utterance, read_cuts, read_manifest, read_shards, read_sources, tar_index
 from trainer.text import Tokenizer
 
 
@@ -164,7 +165,7 @@ def test_lhotse_cut_sets_one_utterance_per_supervision_at_its_offset(tmp_path, c
         assert problems == [] and [u.text for u in utts] == [u.text for u in plain]
         for u, p in list(zip(utts, plain))[:7]:  # each segment is exactly its utterance's audio
             a, b = load_audio(u.audio, u.offset, u.duration), load_audio(p.audio)
-            assert u.segment and abs(len(a) - len(b)) <= 1 and torch.equal(a[:len(b)], b[:len(a)])
+            assert u.segment and torch.equal(a, b)
     assert utts[1].offset > 0 and "supervision" in utts[1].origin
 
 
@@ -174,16 +175,17 @@ def test_bad_cuts_are_named_and_skipped_or_refused_and_channels_mixed(tmp_path):
     sf.write(tmp_path / "stereo.flac", np.stack([wave, 0.5 * wave], 1), 16000)
     good = Recording.from_file(tmp_path / "stereo.flac").to_cut()
     rows = [good.to_dict() for _ in range(5)]
-    for row, text in zip(rows, ("a stereo tone", "x", "", "y", "z")):
+    for row, text in zip(rows, ("", "x", "", "y", "z")):
         row["supervisions"] = [{"id": "s", "recording_id": row["recording"]["id"], "start": 0.0, "duration": 1.0,
                                 "channel": [0, 1], "text": text}]
+    rows[0]["supervisions"][0].update(text=None, custom={"texts": ["A stereo tone!", "A STEREO TONE"]})  # Libriheavy
     rows[1]["recording"]["sources"][0]["source"] = str(tmp_path / "gone.flac")
     rows[3]["start"] = 2.5  # past the end of the 1 s recording
     del rows[4]["supervisions"]
     path = write_manifest(tmp_path / "cuts.jsonl", rows + ["{not json"])
     assert list(CutSet.from_file(write_manifest(tmp_path / "ok.jsonl", rows[:1])).ids) == [good.id]  # as Lhotse
     utts, problems = read_cuts(path, 20.0)
-    assert [u.text for u in utts] == ["a stereo tone"]
+    assert [u.text for u in utts] == ["A stereo tone!"]  # normalised as every text is, when tokenised
     assert torch.allclose(load_audio(utts[0].audio, 0.0, 1.0), torch.from_numpy(0.75 * wave), atol=1e-4)
     assert [p.split(": ", 1)[0] for p in problems] == [f"{path}:{n} (cut {good.id})" for n in (2, 3, 4, 5)] + \
         [f"{path}:6"]
@@ -192,6 +194,42 @@ def test_bad_cuts_are_named_and_skipped_or_refused_and_channels_mixed(tmp_path):
     assert "not a Lhotse cut" in problems[4]
     with pytest.raises(DataError, match="5 unusable rows"):
         read_sources([], [], 20.0, strict=True, cuts=[path])
+
+
+def test_shar_shards_hold_the_audio_and_each_rank_reads_its_own_shards_in_turn(tmp_path, corpus, tokenizer):
+    plain, _ = read_manifest(str(corpus / "dev.jsonl"), 20.0)
+    files, left_out = make_shards(plain, str(tmp_path / "shards"), shard_size=8)
+    utts, problems = read_shards(str(tmp_path / "shards"), 20.0, deep=True)
+    assert len(files) == 7 and left_out == problems == [] and [u.text for u in utts] == [u.text for u in plain]
+    assert all(torch.equal(load_utterance(u), load_utterance(p)) for u, p in list(zip(utts, plain))[:9])
+    for epoch in (0, 1):
+        ranks = [shard_batches(utts, 600, 1234, epoch, r, 2) for r in range(2)]
+        assert ranks[0] == train_batches(utts, 600, 1234, epoch, 0, 2) and len(ranks[0]) == len(ranks[1]) > 0
+        tars = [[utts[b[0]].audio for b in batches] for batches in ranks]
+        assert not set(tars[0]) & set(tars[1])  # a shard belongs to one rank per epoch
+        for seq in tars:  # read in turn: a shard left is not come back to within the epoch
+            runs = [t for i, t in enumerate(seq) if i == 0 or t != seq[i - 1]]
+            assert len(runs) == len(set(runs))
+        assert all(len({utts[i].audio for i in b}) == 1 for b in ranks[0] + ranks[1])
+    assert shard_batches(utts, 600, 1234, 0, 0, 2) != shard_batches(utts, 600, 1234, 1, 0, 2)
+
+
+def test_damaged_shard_members_are_skipped_and_named(tmp_path, corpus, tokenizer, capsys):
+    plain, _ = read_manifest(str(corpus / "dev.jsonl"), 20.0)
+    make_shards(plain[:6], str(tmp_path / "s"), shard_size=6)
+    tar = str(tmp_path / "s" / "recording.000000.tar")
+    offset, size = tar_index(tar)[sorted(tar_index(tar))[1]]
+    with open(tar, "r+b") as f:  # the second member's FLAC header overwritten, same size
+        f.seek(offset)
+        f.write(b"\0" * 64)
+    with open(tar, "r+b") as f:  # the last member cut short
+        f.truncate(tar_index(tar)[sorted(tar_index(tar))[-1]][0] + 100)
+    tar_index.cache_clear()
+    utts, problems = read_shards(str(tmp_path / "s"), 20.0)
+    ds = SpeechDataset(utts, tokenizer, DataConfig(), 80, train=False)
+    assert [ds[i] is None for i in range(6)] == [False, True, False, False, False, True]
+    err = capsys.readouterr().err
+    assert f"cuts.000000.jsonl.gz:2 (cut {sorted(tar_index(tar))[1]})" in err and "truncated" in err
 
 
 def test_prepare_librispeech_layout(tmp_path):

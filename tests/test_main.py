@@ -7,6 +7,8 @@ import torch
 
 from tests.common import launch, tiny_config
 from tools.make_cuts import make_cuts
+from tools.make_shards import make_shards
+from trainer.sources import read_manifest
 from tools.fault_drill import bad_manifest
 
 pytestmark = pytest.mark.slow
@@ -62,18 +64,27 @@ def test_bad_config_fails_before_any_work(tmp_path, corpus):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("mode", ["omni", "switch"])
-def test_resumed_run_on_two_ranks_equals_an_uninterrupted_one(tmp_path, corpus, mode):
+def shard_flags(corpus, folder) -> list:
+    """The corpus's training set as Lhotse Shar shards of 10 utterances (6 shards, 3 a rank): flags."""
+    make_shards(read_manifest(str(corpus / "train.jsonl"), 20.0)[0], str(folder), shard_size=10)
+    return ["--train_shards", str(folder), "--dev_manifest", str(corpus / "dev.jsonl")]
+
+
+@pytest.mark.parametrize("mode,source", [("omni", "manifest"), ("switch", "shards")])
+def test_resumed_run_on_two_ranks_equals_an_uninterrupted_one(tmp_path, corpus, mode, source):
+    """The sharded run resumes within its second epoch, in the middle of a rank's sequence of shards."""
     config = tiny_config(tmp_path, mode)
-    whole = launch(config, corpus, tmp_path / "whole", 2)
+    extra = shard_flags(corpus, tmp_path / "shards") if source == "shards" else []
+    whole = launch(config, corpus, tmp_path / "whole", 2, extra)
     assert whole.returncode == 0, whole.stderr[-3000:]
+    assert (f"from {tmp_path / 'shards'};" in whole.stdout) == (source == "shards")
     half = json.loads(Path(config).read_text())
     half["omni_router"]["run"]["max_steps"] = 12  # stops halfway; the LR schedule stays that of 24 steps
     half["scheduler"]["params"]["total_num_steps"] = 24
     (tmp_path / "half.json").write_text(json.dumps(half))
-    first = launch(str(tmp_path / "half.json"), corpus, tmp_path / "split", 2)
+    first = launch(str(tmp_path / "half.json"), corpus, tmp_path / "split", 2, extra)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = launch(config, corpus, tmp_path / "split", 2)
+    second = launch(config, corpus, tmp_path / "split", 2, extra)
     assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
     rows = {r["step"]: r for r in json.loads((tmp_path / "whole" / "results.json").read_text())["train"]}
     resumed = json.loads((tmp_path / "split" / "results.json").read_text())["train"]

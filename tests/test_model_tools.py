@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from tests.common import launch, run_tool as tool
+from tools.make_cuts import make_cuts
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -39,8 +40,10 @@ def test_transcribe_files_and_a_manifest(models, corpus, tmp_path):
 
 
 def test_evaluate_table_matches_the_trainers_own_dev_wer(models, trained, corpus, tmp_path):
+    # dev as a Lhotse cut set (long recordings, relative paths): it must score as the trainer's manifest did
+    dev = make_cuts(str(corpus / "dev.jsonl"), str(tmp_path / "cuts" / "dev.jsonl.gz"), join=3)
     proc = tool("tools/evaluate.py", "--model", f"omni={models['omni']}", "--model", f"switch={models['switch']}",
-                "--test", f"dev={corpus / 'dev.jsonl'}", "--test", str(corpus / "test.jsonl"),
+                "--test", str(dev), "--test", str(corpus / "test.jsonl"), "--cuts_root", str(tmp_path / "cuts"),
                 "--out", str(tmp_path / "wer"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.reader(open(tmp_path / "wer.csv")))

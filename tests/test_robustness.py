@@ -1,6 +1,7 @@
 """Runs that survive: atomic checkpoints, damaged ones skipped, non-finite losses, evaluation (signals and
 the other operator faults: test_faults)."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -82,22 +83,22 @@ def test_non_finite_losses_are_skipped_then_stop_the_run_with_a_checkpoint(tmp_p
     assert (tmp_path / "run" / "checkpoints" / "step0" / "complete.json").exists()
 
 
-def test_changing_the_number_of_ranks_needs_reset_optimizer(tmp_path, corpus):
-    config = tiny_config(tmp_path, run={"max_steps": 8})
+def test_changing_the_number_of_ranks_needs_reset_optimizer(tmp_path, corpus, trained):
+    config = tiny_config(tmp_path, run={"max_steps": 16})  # the config of the trained omni run (2 ranks, ep 2)
     out = tmp_path / "run"
-    assert launch(config, corpus, out, 2).returncode == 0
-    refused = launch(config, corpus, out, 1, ["--max_steps", "12"])
+    shutil.copytree(trained["omni"], out, ignore=shutil.ignore_patterns(".lock"))
+    refused = launch(config, corpus, out, 1, ["--max_steps", "20"])
     assert refused.returncode == 1
     assert "written by 2 ranks with ep_size 2, this run has 1 with ep_size 1" in refused.stderr
     assert "--reset_optimizer" in refused.stderr
-    fresh = launch(config, corpus, out, 2, ["--max_steps", "12", "--resume", "never"])
+    fresh = launch(config, corpus, out, 2, ["--max_steps", "20", "--resume", "never"])
     assert fresh.returncode == 1 and "--resume never" in fresh.stderr and "already holds checkpoints" in fresh.stderr
-    moved = launch(config, corpus, out, 1, ["--max_steps", "12", "--reset_optimizer"])
+    moved = launch(config, corpus, out, 1, ["--max_steps", "20", "--reset_optimizer"])
     assert moved.returncode == 0, moved.stderr[-3000:]
-    assert "at step 8 (optimizer reset)" in moved.stdout
-    # The schedule carries on from step 8 of a 12-step schedule instead of warming up again.
-    [row] = [r for r in metrics(out) if r["kind"] == "train" and r["step"] == 12]
-    assert row["lr"] == pytest.approx(scheduled_lr(config, total=12, step=12), rel=1e-9)
+    assert "at step 16 (optimizer reset)" in moved.stdout
+    # The schedule carries on from step 16 of a 20-step schedule instead of warming up again.
+    [row] = [r for r in metrics(out) if r["kind"] == "train" and r["step"] == 20]
+    assert row["lr"] == pytest.approx(scheduled_lr(config, total=20, step=20), rel=1e-9)
 
 
 def scheduled_lr(config: str, total: int, step: int) -> float:

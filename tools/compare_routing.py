@@ -37,7 +37,7 @@ from tools.plot_runs import read_metrics  # noqa: E402
 from trainer.config import SECTION, ConfigError, load_config  # noqa: E402
 from trainer.export import consolidate  # noqa: E402
 from trainer.inference import Recognizer  # noqa: E402
-from trainer.sources import read_sources  # noqa: E402
+from trainer.sources import read_test_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("dense", "switch", "omni")
@@ -194,13 +194,13 @@ def plots(runs: dict, modes: list[str], out: Path):
     plt.close(fig)
 
 
-def report(out: Path, tests: list[tuple[str, str]], ood: list[str], device: str) -> str:
+def report(out: Path, tests: list[tuple[str, str]], ood: list[str], device: str, cuts_root: str = "") -> str:
     """Evaluate every finished run on every test set and write report.md and the PNGs; return the Markdown."""
     tasks = read_tasks(out)
     runs = {name: run for name, _, run in tasks if finished(run)}
     if not runs:
         raise ConfigError(f"{out}: no finished run to report on")
-    sets = {name: read_sources([path], [], float("inf"), strict=False)[0] for name, path in tests}
+    sets = {name: read_test_set(path, cuts_root) for name, path in tests}
     results = {}
     for name, run in sorted(runs.items()):
         cached = run / "test_results.json"
@@ -241,7 +241,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--out", required=True, help="folder of the runs, their configs and the report")
     p.add_argument("--test", action="append", type=named, default=None,
-                   help="[NAME=]manifest (repeatable); default: the embedded corpus's test and test_ood")
+                   help="[NAME=]manifest or Lhotse cut set (repeatable); default: the embedded corpus's test "
+                        "and test_ood")
+    p.add_argument("--cuts_root", default="", help="folder relative audio paths of cut sets start from")
     p.add_argument("--ood", nargs="*", default=None, help="test sets averaged as out-of-domain (default: names "
                                                          "containing 'ood')")
     p.add_argument("--num_gpus", type=int, default=1, help="ranks per local run")
@@ -263,7 +265,7 @@ def main(argv=None) -> int:
         if args.stage in ("all", "report"):
             tests = args.test or default_tests(args.config if args.stage == "all" else str(read_tasks(out)[0][1]))
             ood = args.ood if args.ood is not None else [n for n, _ in tests if "ood" in n]
-            print(report(out, tests, ood, args.device))
+            print(report(out, tests, ood, args.device, args.cuts_root))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
     python tools/evaluate.py --model dense=models/dense --model switch=models/switch --model omni=models/omni \\
         --test clean=test_clean.jsonl --test other=test_other.jsonl --out results/wer
 
+A test set is a NeMo manifest or a Lhotse cut set (e.g. libriheavy_cuts_test_clean.jsonl.gz, with --cuts_root).
 One row per model, one WER and one CER column per test set, then the averages, as in the paper's tables
 (CER beside it: at small scale it is the informative one). Scored with jiwer on the trainer's own text
 normaliser; an utterance whose audio cannot be read is left out and counted.
@@ -16,13 +17,15 @@ from typing import Optional
 from trainer.decode import error_rates
 from trainer.export import CheckpointError
 from trainer.inference import Recognizer
-from trainer.sources import DataError, read_sources
+from trainer.sources import DataError, read_test_set
 
 
 def named(value: str) -> tuple[str, str]:
-    """NAME=PATH, or PATH named after its file or folder."""
+    """NAME=PATH, or PATH named after its file or folder (less .gz, .jsonl, .json)."""
     name, sep, path = value.partition("=")
-    return (name, path) if sep else (Path(value).stem, value)
+    if sep:
+        return name, path
+    return Path(value).name.removesuffix(".gz").removesuffix(".jsonl").removesuffix(".json"), value
 
 
 def score(recognizer: Recognizer, utts: list, max_frames: Optional[int]) -> dict:
@@ -49,7 +52,9 @@ def tables(results: dict, sets: list[str]) -> tuple[str, list[list]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, type=named, help="[NAME=]consolidated folder")
-    p.add_argument("--test", action="append", required=True, type=named, help="[NAME=]manifest (repeatable)")
+    p.add_argument("--test", action="append", required=True, type=named,
+                   help="[NAME=]manifest or Lhotse cut set (repeatable)")
+    p.add_argument("--cuts_root", default="", help="folder relative audio paths of cut sets start from")
     p.add_argument("--out", required=True, help="output prefix: writes PREFIX.md and PREFIX.csv")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max_frames", type=int, default=None,
@@ -57,7 +62,7 @@ def main(argv=None) -> int:
                         "no route is dropped, so it changes no result)")
     args = p.parse_args(argv)
     try:
-        sets = {name: read_sources([path], [], float("inf"), strict=False)[0] for name, path in args.test}
+        sets = {name: read_test_set(path, args.cuts_root) for name, path in args.test}
         recognizers = {name: Recognizer(path, args.device) for name, path in args.model}
     except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

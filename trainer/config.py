@@ -109,6 +109,8 @@ class DataConfig(_Strict):
     dev_hf: list[HFSource] = Field([], description="Hugging Face datasets on disk, each its own dev set")
     train_cuts: list[str] = Field([], description="Lhotse cut sets (.jsonl.gz), e.g. libriheavy_cuts_small.jsonl.gz")
     dev_cuts: list[str] = Field([], description="Lhotse cut sets, each its own dev set")
+    train_shards: list[str] = Field([], description="Lhotse Shar folders (tools/make_shards.py): sequential reads")
+    dev_shards: list[str] = Field([], description="Lhotse Shar folders, each its own dev set")
     cuts_root: str = Field("", description="folder relative audio paths of cut sets start from (empty: the "
                                            "current folder, as Lhotse does)")
     duration_cache: str = Field("~/.cache/omni-router/durations",

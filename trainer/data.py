@@ -8,14 +8,14 @@ import random
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from trainer.audio import load_audio
 from trainer.config import DataConfig
 from trainer.features import Normalizer, SpecAugment, log_mel, speed_perturb
-from trainer.sources import Utterance, hf_audio_file
+from trainer.sources import Utterance, load_utterance
 from trainer.text import Tokenizer
 
 STAND_IN_FRAMES = 8
@@ -38,9 +38,7 @@ class SpeechDataset(Dataset):
         return len(self.utts)
 
     def features(self, i: int) -> torch.Tensor:
-        u = self.utts[i]
-        source = hf_audio_file(u.hf, u.row) if u.hf else u.audio
-        wave = load_audio(source, u.offset, u.duration if u.offset or u.segment else 0.0)
+        wave = load_utterance(self.utts[i])
         if self.speeds:
             wave = speed_perturb(wave, random.Random(f"{self.seed}:{self.epoch}:{i}").choice(self.speeds))
         return self.normalize(log_mel(wave, self.n_mels))
@@ -117,9 +115,33 @@ class SamplerState:
 
 def train_batches(utts, max_frames: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
     """The batches of one epoch for one rank, shuffled deterministically from (seed, epoch)."""
+    if any(u.member for u in utts):
+        return shard_batches(utts, max_frames, seed, epoch, rank, world)
     batches = length_batches(utts, max_frames)
     random.Random(seed * 1000003 + epoch).shuffle(batches)
     return shard(batches, rank, world, fill=False)
+
+
+def shard_batches(utts, max_frames: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """Sharded audio (Shar tars): the shards in an order drawn from (seed, epoch) are dealt round-robin to the
+    ranks; a rank reads its shards one after another, each shard's batches in a shuffled order, so its reads
+    stay within one tar at a time. Every rank gets the count of the poorest (none waits at the all-to-all);
+    a resume position indexes this list, which is a function of (seed, epoch, rank, world) alone."""
+    members: dict[str, list[int]] = {}
+    for i, u in enumerate(utts):
+        members.setdefault(u.audio, []).append(i)
+    shards = sorted(members)
+    random.Random(seed * 1000003 + epoch).shuffle(shards)
+    per_rank = []
+    for r in range(world):
+        batches = []
+        for tar in shards[r::world]:
+            idx = members[tar]
+            local = length_batches([utts[i] for i in idx], max_frames)
+            random.Random(f"{seed}:{epoch}:{Path(tar).name}").shuffle(local)
+            batches += [[idx[j] for j in b] for b in local]
+        per_rank.append(batches)
+    return per_rank[rank][:min(len(b) for b in per_rank)]
 
 
 def _plain_signals(_worker_id: int):

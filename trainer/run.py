@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--dev_manifest", action="append", default=None, help="dev manifest (repeatable)")
     p.add_argument("--train_cuts", action="append", default=None, help="Lhotse cut set for training (repeatable)")
     p.add_argument("--dev_cuts", action="append", default=None, help="Lhotse cut set, a dev set (repeatable)")
+    p.add_argument("--train_shards", action="append", default=None, help="Lhotse Shar folder for training")
+    p.add_argument("--dev_shards", action="append", default=None, help="Lhotse Shar folder, a dev set")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the omni_router section, e.g. --set run.max_steps=5 "
                         "--set moe.lb_coef=0.02 (repeatable; the value is read as JSON, else as a string)")
@@ -71,6 +73,7 @@ def load_project(args):
     aliases = {"run.output_dir": args.output_dir, "run.max_steps": args.max_steps,
                "data.train_manifests": args.train_manifest, "data.dev_manifests": args.dev_manifest,
                "data.train_cuts": args.train_cuts, "data.dev_cuts": args.dev_cuts,
+               "data.train_shards": args.train_shards, "data.dev_shards": args.dev_shards,
                "data.corpus_dir": args.corpus_dir, "data.strict_data": args.strict_data}
     assignments = [(k.split("."), v) for k, v in aliases.items() if v is not None]
     return ds_config, with_assignments(project, assignments + [parse_assignment(a) for a in args.set])
@@ -108,33 +111,42 @@ def claim_output_dir(out: Path):
     on_rank0(take)
 
 
+def read_dev_sets(data, manifests: list[str], options: dict) -> dict:
+    """One dev set per source, named after it: WER is reported per set and averaged."""
+    named = [(Path(m).stem, dict(manifests=[m])) for m in manifests] + \
+        [(Path(c).name.split(".jsonl")[0], dict(cuts=[c])) for c in data.dev_cuts] + \
+        [(Path(d).name, dict(shards=[d])) for d in data.dev_shards] + \
+        [(Path(h.path).name, dict(hf_sources=[h])) for h in data.dev_hf]
+    dev = {}
+    for name, source in named:
+        source = {"manifests": [], "hf_sources": [], **source}
+        utts, problems = read_sources(max_duration=data.max_duration, strict=data.strict_data, **source, **options)
+        report(problems, name)
+        dev[name if name not in dev else f"{name}.{len(dev)}"] = utts
+    return dev
+
+
 def prepare_data(project):
     """Utterances (the embedded corpus unless given), the tokenizer made once by rank 0, and the datasets."""
     data, out = project.data, Path(project.run.output_dir)
     train_m, dev_m = list(data.train_manifests), list(data.dev_manifests)
-    if not train_m and not data.train_hf and not data.train_cuts:
+    if not (train_m or data.train_hf or data.train_cuts or data.train_shards):
         on_rank0(lambda: build_corpus(data.corpus_dir, data.corpus_sentences, seed=data.corpus_seed,
                                       words=data.corpus_words))
         corpus = Path(data.corpus_dir).expanduser()
         train_m = [str(corpus / "train.jsonl")]
-        dev_m = dev_m or ([] if data.dev_hf or data.dev_cuts else [str(corpus / "dev.jsonl")])
-    if not dev_m and not data.dev_hf and not data.dev_cuts:
-        raise DataError("no dev set: pass --dev_manifest or --dev_cuts (or omni_router.data.dev_hf)")
+        dev_m = dev_m or ([] if data.dev_hf or data.dev_cuts or data.dev_shards else [str(corpus / "dev.jsonl")])
+    if not (dev_m or data.dev_hf or data.dev_cuts or data.dev_shards):
+        raise DataError("no dev set: pass --dev_manifest, --dev_cuts or --dev_shards (or omni_router.data.dev_hf)")
     options = dict(cuts_root=data.cuts_root, duration_cache=data.duration_cache)
     train, problems = read_sources(train_m, data.train_hf, data.max_duration, data.strict_data,
-                                   cuts=data.train_cuts, **options)
+                                   cuts=data.train_cuts, shards=data.train_shards, **options)
     report(problems, "train")
-    dev = {}  # one set per dev source, named after it: WER is reported per set and averaged
-    for name, manifests, cuts, hf in [(Path(m).stem, [m], [], []) for m in dev_m] + \
-                                     [(Path(c).name.split(".jsonl")[0], [], [c], []) for c in data.dev_cuts] + \
-                                     [(Path(h.path).name, [], [], [h]) for h in data.dev_hf]:
-        utts, problems = read_sources(manifests, hf, data.max_duration, data.strict_data, cuts=cuts, **options)
-        report(problems, name)
-        dev[name if name not in dev else f"{name}.{len(dev)}"] = utts
+    dev = read_dev_sets(data, dev_m, options)
     for name, utts in [("train", train), *dev.items()]:
         if not utts:
             raise DataError(f"{name}: no usable utterance")
-    read = train_m + list(data.train_cuts) + [h.path for h in data.train_hf]
+    read = train_m + list(data.train_cuts) + list(data.train_shards) + [h.path for h in data.train_hf]
     log0(f"train: {len(train):,} utterances, {sum(u.duration for u in train) / 3600:.2f} h, from {', '.join(read)}; "
          f"dev sets: {', '.join(dev)}")
     sp_path = out / checkpoint.TOKENIZER

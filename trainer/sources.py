@@ -1,13 +1,16 @@
-"""Where utterances come from: NeMo JSON-lines manifests, Lhotse cut sets, and Hugging Face datasets on disk.
+"""Where utterances come from: NeMo JSON-lines manifests, Lhotse cut sets and Shar shards, and Hugging Face
+datasets on disk.
 
 Each reader returns the usable utterances and, for every row it could not use, one line naming the file and
 line (or dataset and row) and the reason. The caller decides: skip and report (default), or stop before
 training starts (``strict_data``).
 """
+import gzip
 import hashlib
 import io
 import json
 import os
+import tarfile
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -16,6 +19,7 @@ from typing import Optional
 
 import soundfile as sf
 
+from trainer.audio import load_audio
 from trainer.config import HFSource
 from trainer.text import normalize
 
@@ -34,6 +38,7 @@ class Utterance:
     hf: Optional[HFSource] = None
     row: int = -1
     segment: bool = False  # read ``duration`` seconds from ``offset`` even at offset 0 (a cut of a long recording)
+    member: str = ""  # the cut id whose audio member of the tar ``audio`` holds this utterance (Shar shards)
 
     @property
     def frames(self) -> int:
@@ -186,6 +191,13 @@ def _cut_audio(cut, root: str) -> tuple[str, str]:
     return str(Path(root).expanduser() / rec.sources[0].source), ""
 
 
+def _supervision_text(sup) -> str:
+    """The supervision's text; Libriheavy's full release has none and keeps the book's text first in
+    ``custom.texts`` (its ASR version has ``text``)."""
+    texts = (sup.custom or {}).get("texts") or [""]
+    return sup.text or str(texts[0])
+
+
 def read_cuts(path: str, max_duration: float, root: str = "", deep: bool = False) -> tuple[list[Utterance], list[str]]:
     """A Lhotse cut set (.jsonl or .jsonl.gz, as Libriheavy publishes): one utterance per supervision, at its
     offset into the recording. Relative audio paths are resolved against ``root`` (empty: the current
@@ -220,22 +232,120 @@ def read_cuts(path: str, max_duration: float, root: str = "", deep: bool = False
                     problems.append(f"{where}: {start:.2f}-{end:.2f} s lies past the end of recording "
                                     f"{cut.recording.id} ({cut.recording.duration:.2f} s)")
                     continue
-                reason = _check(end - start, sup.text or "", max_duration)
+                text = _supervision_text(sup)
+                reason = _check(end - start, text, max_duration)
                 if reason:
                     problems.append(f"{where}: {reason}")
                 else:
-                    utts.append(Utterance(audio, end - start, sup.text, where, start, segment=True))
+                    utts.append(Utterance(audio, end - start, text, where, start, segment=True))
+    return utts, problems
+
+
+@lru_cache(maxsize=64)
+def tar_index(path: str) -> dict[str, tuple[int, int]]:
+    """Cut id -> (offset, size) of its audio member in a Shar tar. Only the headers are read (the data is
+    seeked over), once per process and shard; a damaged tail leaves the members before it readable."""
+    index = {}
+    try:
+        with tarfile.open(path) as t:
+            for m in t:
+                stem, ext = os.path.splitext(m.name)
+                if ext != ".json":
+                    index[stem] = (m.offset_data, m.size)
+    except (tarfile.TarError, OSError):
+        pass
+    return index
+
+
+def member_audio(path: str, cut_id: str) -> io.BytesIO:
+    """The audio bytes of one cut in a Shar tar, read with one seek."""
+    if cut_id not in tar_index(path):
+        raise ValueError(f"no audio member for cut {cut_id}")
+    offset, size = tar_index(path)[cut_id]
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) < size:
+        raise ValueError(f"member of cut {cut_id} truncated ({len(data)} of {size} bytes)")
+    return io.BytesIO(data)
+
+
+def audio_source(u: Utterance):
+    """What soundfile reads for an utterance: its file, or a file object of its dataset row or shard member."""
+    if u.hf:
+        return hf_audio_file(u.hf, u.row)
+    return member_audio(u.audio, u.member) if u.member else u.audio
+
+
+def load_utterance(u: Utterance):
+    """An utterance's 16 kHz mono samples [samples], from whichever source holds it."""
+    return load_audio(audio_source(u), u.offset, u.duration if u.offset or u.segment else 0.0)
+
+
+def read_shards(folder: str, max_duration: float, deep: bool = False) -> tuple[list[Utterance], list[str]]:
+    """A Lhotse Shar folder (cuts.NNNNNN.jsonl.gz beside recording.NNNNNN.tar, as tools/make_shards.py and
+    Lhotse's own ``to_shar`` write): one utterance per supervision, its audio a member of the shard's tar.
+    Only the cut records are read here; deep=True also reads the tar headers to find every member."""
+    from lhotse.serialization import deserialize_item
+    cut_files = sorted(Path(folder).glob("cuts.*.jsonl.gz"))
+    if not cut_files:
+        raise DataError(f"{folder}: no Lhotse Shar shards (cuts.NNNNNN.jsonl.gz) in it")
+    utts, problems = [], []
+    for cuts in cut_files:
+        tar = str(cuts.with_name(cuts.name.replace("cuts.", "recording.", 1).replace(".jsonl.gz", ".tar")))
+        if not os.path.exists(tar):
+            problems.append(f"{cuts}: no {Path(tar).name} beside it")
+            continue
+        with gzip.open(cuts, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    cut = deserialize_item(json.loads(raw))
+                except Exception as e:  # JSON, UTF-8 or Lhotse's own schema errors: this line only
+                    problems.append(f"{cuts}:{n}: not a Lhotse cut ({type(e).__name__}: {e})")
+                    continue
+                origin = f"{cuts}:{n} (cut {cut.id})"
+                if deep and cut.id not in tar_index(tar):
+                    problems.append(f"{origin}: no audio member in {tar}")
+                    continue
+                for sup in cut.supervisions or []:
+                    start, end = max(sup.start, 0.0), min(sup.end, cut.duration)
+                    where = f"{origin} supervision {sup.id}" if len(cut.supervisions) > 1 else origin
+                    text = _supervision_text(sup)
+                    reason = _check(end - start, text, max_duration)
+                    if reason:
+                        problems.append(f"{where}: {reason}")
+                    else:
+                        utts.append(Utterance(tar, end - start, text, where, start, segment=True, member=cut.id))
+                if not cut.supervisions:
+                    problems.append(f"{origin}: no supervision (no text)")
     return utts, problems
 
 
 def read_sources(manifests: list[str], hf_sources: list, max_duration: float, strict: bool, cuts: list = (),
-                 cuts_root: str = "", duration_cache: str = ""):
+                 cuts_root: str = "", duration_cache: str = "", shards: list = ()):
     """All utterances of a split. strict: any problem is a DataError listing them all; else (utts, problems)."""
     parts = [read_manifest(m, max_duration, deep=strict) for m in manifests] + \
             [read_cuts(c, max_duration, cuts_root, deep=strict) for c in cuts] + \
+            [read_shards(d, max_duration, deep=strict) for d in shards] + \
             [read_hf(src, max_duration, duration_cache) for src in hf_sources]
     utts = [u for us, _ in parts for u in us]
     problems = [p for _, ps in parts for p in ps]
     if strict and problems:
         raise DataError(f"{len(problems)} unusable rows (strict_data):\n" + "\n".join(problems))
     return utts, problems
+
+
+def is_cut_set(path: str) -> bool:
+    """A Lhotse cut set rather than a NeMo manifest: its records carry ``supervisions``."""
+    try:
+        with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+            first = next((line for line in f if line.strip()), b"{}")
+        return "supervisions" in json.loads(first)
+    except (OSError, ValueError):
+        return False
+
+
+def read_test_set(path: str, cuts_root: str = "") -> list[Utterance]:
+    """The usable utterances of a test set for the tools: a manifest or a cut set, told apart by content."""
+    cuts = is_cut_set(path)
+    return read_sources([] if cuts else [path], [], float("inf"), False, [path] if cuts else [], cuts_root)[0]
