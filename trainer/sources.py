@@ -198,46 +198,61 @@ def _supervision_text(sup) -> str:
     return sup.text or str(texts[0])
 
 
-def read_cuts(path: str, max_duration: float, root: str = "", deep: bool = False) -> tuple[list[Utterance], list[str]]:
-    """A Lhotse cut set (.jsonl or .jsonl.gz, as Libriheavy publishes): one utterance per supervision, at its
-    offset into the recording. Relative audio paths are resolved against ``root`` (empty: the current
-    folder, as Lhotse does). Lines are read one by one with Lhotse's own deserialiser, so a bad line costs
-    one row."""
-    from lhotse.serialization import deserialize_item, open_best
-    if not Path(path).is_file():
-        raise DataError(f"{path}: no such cut set")
-    utts, problems, audio_checked = [], [], {}
-    with open_best(path, "rb") as f:
+def _cut_lines(path: str):
+    """(origin, cut) for each line of a cut file, decoded one by one by Lhotse's own deserialiser, so a bad
+    line costs one row: then (origin, the problem as a string)."""
+    from lhotse.serialization import deserialize_item
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
             try:
                 cut = deserialize_item(json.loads(raw))
             except Exception as e:  # JSON, UTF-8 or Lhotse's own schema errors: this line only
-                problems.append(f"{path}:{n}: not a Lhotse cut ({type(e).__name__}: {e})")
+                yield f"{path}:{n}", f"not a Lhotse cut ({type(e).__name__}: {e})"
                 continue
-            origin = f"{path}:{n} (cut {getattr(cut, 'id', '?')})"
-            audio, reason = _cut_audio(cut, root)
-            if not reason and audio not in audio_checked:
-                audio_checked[audio] = _audio_problem(audio, deep)
-            reason = reason or audio_checked[audio] or ("" if cut.supervisions else "no supervision (no text)")
-            if reason:
-                problems.append(f"{origin}: {reason}")
-                continue
-            for sup in cut.supervisions:
-                start = cut.start + max(sup.start, 0.0)
-                end = cut.start + min(sup.end, cut.duration)
-                where = f"{origin} supervision {sup.id}" if len(cut.supervisions) > 1 else origin
-                if end > cut.recording.duration + 0.01 or start >= cut.recording.duration:
-                    problems.append(f"{where}: {start:.2f}-{end:.2f} s lies past the end of recording "
-                                    f"{cut.recording.id} ({cut.recording.duration:.2f} s)")
-                    continue
-                text = _supervision_text(sup)
-                reason = _check(end - start, text, max_duration)
-                if reason:
-                    problems.append(f"{where}: {reason}")
-                else:
-                    utts.append(Utterance(audio, end - start, text, where, start, segment=True))
+            yield f"{path}:{n} (cut {cut.id})", cut
+
+
+def _supervised(cut, origin: str, audio: str, offset: float, available: float, what: str, max_duration: float,
+                member: str = "") -> tuple[list[Utterance], list[str]]:
+    """One utterance per supervision of a cut whose audio starts ``offset`` s into ``audio``, which holds
+    ``available`` s (``what`` names it in messages)."""
+    if not cut.supervisions:
+        return [], [f"{origin}: no supervision (no text)"]
+    utts, problems = [], []
+    for sup in cut.supervisions:
+        start, end = offset + max(sup.start, 0.0), offset + min(sup.end, cut.duration)
+        where = f"{origin} supervision {sup.id}" if len(cut.supervisions) > 1 else origin
+        text = _supervision_text(sup)
+        reason = f"{start:.2f}-{end:.2f} s lies past the end of {what} ({available:.2f} s)" \
+            if end > available + 0.01 or start >= available else _check(end - start, text, max_duration)
+        if reason:
+            problems.append(f"{where}: {reason}")
+        else:
+            utts.append(Utterance(audio, end - start, text, where, start, segment=True, member=member))
+    return utts, problems
+
+
+def read_cuts(path: str, max_duration: float, root: str = "", deep: bool = False) -> tuple[list[Utterance], list[str]]:
+    """A Lhotse cut set (.jsonl or .jsonl.gz, as Libriheavy publishes): one utterance per supervision, at its
+    offset into the recording. Relative audio paths are resolved against ``root`` (empty: the current
+    folder, as Lhotse does)."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such cut set")
+    utts, problems, audio_checked = [], [], {}
+    for origin, cut in _cut_lines(path):
+        audio, reason = ("", cut) if isinstance(cut, str) else _cut_audio(cut, root)
+        if not reason and audio not in audio_checked:
+            audio_checked[audio] = _audio_problem(audio, deep)
+        reason = reason or audio_checked[audio]
+        if reason:
+            problems.append(f"{origin}: {reason}")
+            continue
+        u, p = _supervised(cut, origin, audio, cut.start, cut.recording.duration, f"recording {cut.recording.id}",
+                           max_duration)
+        utts += u
+        problems += p
     return utts, problems
 
 
@@ -286,7 +301,6 @@ def read_shards(folder: str, max_duration: float, deep: bool = False) -> tuple[l
     """A Lhotse Shar folder (cuts.NNNNNN.jsonl.gz beside recording.NNNNNN.tar, as tools/make_shards.py and
     Lhotse's own ``to_shar`` write): one utterance per supervision, its audio a member of the shard's tar.
     Only the cut records are read here; deep=True also reads the tar headers to find every member."""
-    from lhotse.serialization import deserialize_item
     cut_files = sorted(Path(folder).glob("cuts.*.jsonl.gz"))
     if not cut_files:
         raise DataError(f"{folder}: no Lhotse Shar shards (cuts.NNNNNN.jsonl.gz) in it")
@@ -296,28 +310,15 @@ def read_shards(folder: str, max_duration: float, deep: bool = False) -> tuple[l
         if not os.path.exists(tar):
             problems.append(f"{cuts}: no {Path(tar).name} beside it")
             continue
-        with gzip.open(cuts, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    cut = deserialize_item(json.loads(raw))
-                except Exception as e:  # JSON, UTF-8 or Lhotse's own schema errors: this line only
-                    problems.append(f"{cuts}:{n}: not a Lhotse cut ({type(e).__name__}: {e})")
-                    continue
-                origin = f"{cuts}:{n} (cut {cut.id})"
-                if deep and cut.id not in tar_index(tar):
-                    problems.append(f"{origin}: no audio member in {tar}")
-                    continue
-                for sup in cut.supervisions or []:
-                    start, end = max(sup.start, 0.0), min(sup.end, cut.duration)
-                    where = f"{origin} supervision {sup.id}" if len(cut.supervisions) > 1 else origin
-                    text = _supervision_text(sup)
-                    reason = _check(end - start, text, max_duration)
-                    if reason:
-                        problems.append(f"{where}: {reason}")
-                    else:
-                        utts.append(Utterance(tar, end - start, text, where, start, segment=True, member=cut.id))
-                if not cut.supervisions:
-                    problems.append(f"{origin}: no supervision (no text)")
+        for origin, cut in _cut_lines(str(cuts)):
+            reason = cut if isinstance(cut, str) else \
+                f"no audio member in {tar}" if deep and cut.id not in tar_index(tar) else ""
+            if reason:
+                problems.append(f"{origin}: {reason}")
+                continue
+            u, p = _supervised(cut, origin, tar, 0.0, cut.duration, f"member {cut.id}", max_duration, cut.id)
+            utts += u
+            problems += p
     return utts, problems
 
 
