@@ -115,3 +115,24 @@ def test_dropless_equals_capacity_mode_on_two_expert_parallel_ranks(mode):
         assert loss_free == pytest.approx(loss_cap, rel=1e-5)
         for name, g in grads_cap.items():
             torch.testing.assert_close(grads_free[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _prepare_once_the_tokenizer_exists(corpus: str, out: str) -> int:
+    from pathlib import Path
+    import time
+    from trainer import distributed
+    from trainer.config import DataConfig, ProjectConfig, RunConfig
+    from trainer.run import prepare_data
+    data = DataConfig(train_manifests=[f"{corpus}/train.jsonl"], dev_manifests=[f"{corpus}/dev.jsonl"], vocab_size=40)
+    project = ProjectConfig(data=data, run=RunConfig(output_dir=out))
+    if distributed.rank() == 1:  # rank 1 comes to the tokenizer only after rank 0 has written it
+        deadline = time.time() + 120
+        while not (Path(out) / "tokenizer.model").exists() and time.time() < deadline:
+            time.sleep(0.05)
+    return prepare_data(project)[2].vocab_size
+
+
+def test_a_rank_that_finds_the_tokenizer_written_still_meets_rank_0(corpus, tmp_path):
+    """Before: rank 1 saw rank 0's fresh tokenizer file and skipped the broadcast rank 0 waited in (a hang
+    seen once in three two-rank runs from shards, whose reading is slower)."""
+    assert run_ranks(_prepare_once_the_tokenizer_exists, 2, str(corpus), str(tmp_path), deadline_s=90) == [40, 40]

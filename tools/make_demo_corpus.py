@@ -1,9 +1,10 @@
 """Synthesise the embedded English corpus offline (espeak-ng, flite, festival; WordNet sentences).
 
-    python tools/make_demo_corpus.py --out ~/.cache/omni-router/demo-corpus --train_sentences 3000
+    python tools/make_demo_corpus.py --out ~/.cache/omni-router/demo-corpus
 
 Writes train/dev/test/test_ood manifests and 16 kHz FLAC. The trainer builds the same corpus on first use
-from the config's data section; this tool builds one ahead of time or a larger one.
+from the config's data section; this tool builds one ahead of time or a larger one (its defaults are the
+shipped configs' values, so the main job reuses what it builds).
 """
 import argparse
 import sys
@@ -14,8 +15,9 @@ from trainer.corpus import build_corpus
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--train_sentences", type=int, default=3000)
-    p.add_argument("--words", type=int, default=0, help="speak only sentences of the N most frequent words (0: all)")
+    p.add_argument("--train_sentences", type=int, default=5000)
+    p.add_argument("--words", type=int, default=2000,
+                   help="speak only sentences of the N most frequent words (0: all)")
     p.add_argument("--seed", type=int, default=1234, help="the trainer's default data.corpus_seed, so it reuses this")
     p.add_argument("--workers", type=int, default=0, help="0: one per core")
     args = p.parse_args(argv)

@@ -150,8 +150,9 @@ def prepare_data(project):
     log0(f"train: {len(train):,} utterances, {sum(u.duration for u in train) / 3600:.2f} h, from {', '.join(read)}; "
          f"dev sets: {', '.join(dev)}")
     sp_path = out / checkpoint.TOKENIZER
-    if not sp_path.exists():
-        on_rank0(lambda: Tokenizer.train([u.text for u in train], str(sp_path), data.vocab_size))
+    # Every rank enters: rank 0 alone looks for the file (a rank that looked itself could find it already
+    # written by rank 0 and skip the broadcast that rank 0 then waits in).
+    on_rank0(lambda: sp_path.exists() or Tokenizer.train([u.text for u in train], str(sp_path), data.vocab_size))
     tokenizer = Tokenizer(str(sp_path))
     if data.global_cmvn:  # the statistics travel with the model, beside its tokenizer
         on_rank0(lambda: shutil.copyfile(data.global_cmvn, out / checkpoint.CMVN))
