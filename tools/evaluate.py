@@ -17,15 +17,13 @@ from typing import Optional
 from trainer.decode import error_rates
 from trainer.export import CheckpointError
 from trainer.inference import Recognizer
-from trainer.sources import DataError, read_test_set
+from trainer.sources import DataError, read_test_set, set_name
 
 
 def named(value: str) -> tuple[str, str]:
     """NAME=PATH, or PATH named after its file or folder (less .gz, .jsonl, .json)."""
     name, sep, path = value.partition("=")
-    if sep:
-        return name, path
-    return Path(value).name.removesuffix(".gz").removesuffix(".jsonl").removesuffix(".json"), value
+    return (name, path) if sep else (set_name(value), value)
 
 
 def score(recognizer: Recognizer, utts: list, max_frames: Optional[int]) -> dict:

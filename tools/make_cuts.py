@@ -16,7 +16,7 @@ import numpy as np
 import soundfile as sf
 
 from trainer.audio import SAMPLE_RATE, load_audio
-from trainer.sources import read_manifest
+from trainer.sources import read_manifest, set_name
 
 GAP = 0.25  # seconds of silence between joined utterances
 
@@ -28,7 +28,7 @@ def make_cuts(manifest: str, out: str, join: int = 4, whole: bool = False) -> Pa
     out = Path(out)
     folder = out.parent / "recordings"
     folder.mkdir(parents=True, exist_ok=True)
-    name = out.name.split(".jsonl")[0]
+    name = set_name(str(out))
     recordings, supervisions = [], []
     for k in range(0, len(utts), join):
         waves, start = [], 0.0

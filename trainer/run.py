@@ -26,7 +26,7 @@ from trainer.engine import build_engine, build_model
 from trainer.evaluation import EvaluationError
 from trainer.integrity import UnsafeFile
 from trainer.loop import Trainer, TrainingError
-from trainer.sources import DataError, read_sources
+from trainer.sources import DataError, read_sources, set_name
 from trainer.text import Tokenizer
 
 LOCK = ".lock"  # in the output folder: who is writing into it
@@ -114,7 +114,7 @@ def claim_output_dir(out: Path):
 def read_dev_sets(data, manifests: list[str], options: dict) -> dict:
     """One dev set per source, named after it: WER is reported per set and averaged."""
     named = [(Path(m).stem, dict(manifests=[m])) for m in manifests] + \
-        [(Path(c).name.split(".jsonl")[0], dict(cuts=[c])) for c in data.dev_cuts] + \
+        [(set_name(c), dict(cuts=[c])) for c in data.dev_cuts] + \
         [(Path(d).name, dict(shards=[d])) for d in data.dev_shards] + \
         [(Path(h.path).name, dict(hf_sources=[h])) for h in data.dev_hf]
     dev = {}

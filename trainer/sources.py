@@ -198,11 +198,22 @@ def _supervision_text(sup) -> str:
     return sup.text or str(texts[0])
 
 
+def set_name(path: str) -> str:
+    """A data set named after its file or folder, less .gz, .jsonl and .json (libriheavy_cuts_dev.jsonl.gz:
+    libriheavy_cuts_dev)."""
+    return Path(path).name.removesuffix(".gz").removesuffix(".jsonl").removesuffix(".json")
+
+
+def _open_bytes(path: str):
+    """A JSON-lines file, gzipped (.gz) or plain, opened for reading bytes."""
+    return (gzip.open if str(path).endswith(".gz") else open)(path, "rb")
+
+
 def _cut_lines(path: str):
     """(origin, cut) for each line of a cut file, decoded one by one by Lhotse's own deserialiser, so a bad
     line costs one row: then (origin, the problem as a string)."""
     from lhotse.serialization import deserialize_item
-    with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+    with _open_bytes(path) as f:
         for n, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -339,7 +350,7 @@ def read_sources(manifests: list[str], hf_sources: list, max_duration: float, st
 def is_cut_set(path: str) -> bool:
     """A Lhotse cut set rather than a NeMo manifest: its records carry ``supervisions``."""
     try:
-        with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+        with _open_bytes(path) as f:
             first = next((line for line in f if line.strip()), b"{}")
         return "supervisions" in json.loads(first)
     except (OSError, ValueError):
