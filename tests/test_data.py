@@ -1,6 +1,7 @@
 """The data pipeline on real audio files: manifests, Lhotse cut sets, Hugging Face datasets, LibriSpeech layout,
 bad input."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ from tools.make_cuts import make_cuts
 from tools.make_shards import make_shards
 from tools.prepare_librispeech import main as prepare_librispeech
 from trainer.config import DataConfig, HFSource
-from trainer.data import SpeechDataset, length_batches, padding_fraction, shard, shard_batches, train_batches
+from trainer.data import (ShardSet, SpeechDataset, epoch_batches, length_batches, padding_fraction, shard,
+                          tokenizer_sample, train_batches)
 from trainer.audio import load_audio
 from trainer.sources import DataError, load_utterance, read_cuts, read_manifest, read_shards, read_sources, tar_index
 from trainer.text import Tokenizer
@@ -202,16 +204,41 @@ def test_shar_shards_hold_the_audio_and_each_rank_reads_its_own_shards_in_turn(t
     utts, problems = read_shards(str(tmp_path / "shards"), 20.0, deep=True)
     assert len(files) == 7 and left_out == problems == [] and [u.text for u in utts] == [u.text for u in plain]
     assert all(torch.equal(load_utterance(u), load_utterance(p)) for u, p in list(zip(utts, plain))[:9])
+    shards = ShardSet([str(tmp_path / "shards")], 20.0)
+    lazy = SpeechDataset([], tokenizer, DataConfig(), 80, train=True, shards=shards)
     for epoch in (0, 1):
-        ranks = [shard_batches(utts, 600, 1234, epoch, r, 2) for r in range(2)]
-        assert ranks[0] == train_batches(utts, 600, 1234, epoch, 0, 2) and len(ranks[0]) == len(ranks[1]) > 0
-        tars = [[utts[b[0]].audio for b in batches] for batches in ranks]
+        ranks = [list(shards.batches(600, 1234, epoch, r, 2)) for r in range(2)]
+        tars = [[b[0][1].audio for b in batches] for batches in ranks]
         assert not set(tars[0]) & set(tars[1])  # a shard belongs to one rank per epoch
         for seq in tars:  # read in turn: a shard left is not come back to within the epoch
             runs = [t for i, t in enumerate(seq) if i == 0 or t != seq[i - 1]]
             assert len(runs) == len(set(runs))
-        assert all(len({utts[i].audio for i in b}) == 1 for b in ranks[0] + ranks[1])
-    assert shard_batches(utts, 600, 1234, 0, 0, 2) != shard_batches(utts, 600, 1234, 1, 0, 2)
+        assert all(len({u.audio for _, u in b}) == 1 for b in ranks[0] + ranks[1])
+        assert sorted(u.origin for b in ranks[0] + ranks[1] for _, u in b) == sorted(u.origin for u in utts)
+        assert list(epoch_batches(lazy, 600, 1234, epoch, 1, 2, start=3)) == ranks[1][3:]  # a resume position
+    assert list(shards.batches(600, 1234, 0, 0, 2)) != list(shards.batches(600, 1234, 1, 0, 2))
+    assert lazy[ranks[0][0][0]][2] == ranks[0][0][0][0]  # an item carries its key and utterance
+
+
+def test_shards_are_read_lazily_as_a_rank_reaches_them(tmp_path, corpus):
+    """Start-up lists the shard files only: a shard's records are read when its rank reaches it (here one
+    removed after start-up is missed only at its turn), and the tokenizer's sample stops at its bound."""
+    plain, _ = read_manifest(str(corpus / "dev.jsonl"), 20.0)
+    make_shards(plain, str(tmp_path / "shards"), shard_size=8)
+    shards = ShardSet([str(tmp_path / "shards")], 20.0)
+    assert len(shards.shards) == 7 and shards.problems == []
+    batches = shards.batches(600, 1234, 0, 0, 1)
+    first = next(batches)
+    later = next(c for c, t in shards.shards if t != first[0][1].audio)
+    os.remove(later)
+    with pytest.raises(FileNotFoundError, match=Path(later).name):
+        list(batches)
+    texts = ShardSet([str(tmp_path / "shards")], 20.0).texts(10, seed=3)
+    assert len(texts) == 10 and set(texts) <= {u.text for u in plain}
+    assert tokenizer_sample(plain, None, 10, 3) == tokenizer_sample(plain, None, 10, 3) != tokenizer_sample(
+        plain, None, 10, 4)
+    assert len(tokenizer_sample(plain, None, 10, 3)) == 10
+    assert tokenizer_sample(plain, None, 10 ** 6, 3) == [u.text for u in plain]
 
 
 def test_damaged_shard_members_are_skipped_and_named(tmp_path, corpus, tokenizer, capsys):

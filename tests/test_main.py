@@ -1,5 +1,6 @@
 """The main job through the real deepspeed launcher, on a small slice of the embedded corpus."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from tests.common import launch, tiny_config
 from tools.make_cuts import make_cuts
 from tools.make_shards import make_shards
+from trainer.data import ShardSet
 from trainer.sources import read_manifest
 from tools.fault_drill import bad_manifest
 
@@ -72,21 +74,35 @@ def shard_flags(corpus, folder) -> list:
 
 @pytest.mark.parametrize("mode,source", [("omni", "manifest"), ("switch", "shards")])
 def test_resumed_run_on_two_ranks_equals_an_uninterrupted_one(tmp_path, corpus, mode, source):
-    """The sharded run resumes within its second epoch, in the middle of a rank's sequence of shards."""
+    """Two ways to step 24 through step 12, as the uninterrupted run: the manifest run is a finished 12-step
+    run extended (its LR schedule that of 24 steps); the sharded run is the uninterrupted one's folder as it
+    stood at its step-12 checkpoint (a preemption there), resumed within its second epoch, in the middle of a
+    rank's sequence of shards, whose batch counts differ between the ranks."""
     config = tiny_config(tmp_path, mode)
     extra = shard_flags(corpus, tmp_path / "shards") if source == "shards" else []
-    whole = launch(config, corpus, tmp_path / "whole", 2, extra)
+    whole = launch(config, corpus, tmp_path / "whole", 2, extra + ["--set", "run.save_every=12"])
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert (f"from {tmp_path / 'shards'};" in whole.stdout) == (source == "shards")
-    half = json.loads(Path(config).read_text())
-    half["omni_router"]["run"]["max_steps"] = 12  # stops halfway; the LR schedule stays that of 24 steps
-    half["scheduler"]["params"]["total_num_steps"] = 24
-    (tmp_path / "half.json").write_text(json.dumps(half))
-    first = launch(str(tmp_path / "half.json"), corpus, tmp_path / "split", 2, extra)
-    assert first.returncode == 0, first.stderr[-3000:]
+    if source == "shards":
+        shutil.copytree(tmp_path / "whole", tmp_path / "split",
+                        ignore=shutil.ignore_patterns(".lock", "step24", "results.json"))
+    else:
+        half = json.loads(Path(config).read_text())
+        half["omni_router"]["run"]["max_steps"] = 12  # stops halfway; the LR schedule stays that of 24 steps
+        half["scheduler"]["params"]["total_num_steps"] = 24
+        (tmp_path / "half.json").write_text(json.dumps(half))
+        first = launch(str(tmp_path / "half.json"), corpus, tmp_path / "split", 2, extra)
+        assert first.returncode == 0, first.stderr[-3000:]
     second = launch(config, corpus, tmp_path / "split", 2, extra)
-    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
+    assert second.returncode == 0 and "resumed from" in second.stdout and "step12" in second.stdout, \
+        second.stderr[-3000:]
     rows = {r["step"]: r for r in json.loads((tmp_path / "whole" / "results.json").read_text())["train"]}
+    if source == "shards":  # every epoch ends where the first rank runs out of batches (1250 frames a batch)
+        counts = [[len(list(ShardSet([str(tmp_path / "shards")], 20.0).batches(1250, 1234, e, r, 2)))
+                   for r in (0, 1)] for e in range(4)]
+        assert any(a != b for a, b in counts)
+        ends = [sum(min(c) for c in counts[:e + 1]) for e in range(4)]
+        assert [r["epoch"] for r in rows.values()] == [sum(s >= end for end in ends) for s in rows]
     resumed = json.loads((tmp_path / "split" / "results.json").read_text())["train"]
     assert [r["step"] for r in resumed] == [16, 20, 24]
     for r in resumed:

@@ -18,9 +18,9 @@ import torch
 
 from tools.make_shards import make_shards
 from trainer.config import DataConfig
-from trainer.data import SpeechDataset, length_batches, loader, padding_fraction, train_batches
+from trainer.data import ShardSet, SpeechDataset, length_batches, loader, padding_fraction
 from trainer.features import log_mel
-from trainer.sources import load_utterance, read_shards, read_sources
+from trainer.sources import load_utterance, read_sources
 from trainer.text import Tokenizer
 
 
@@ -59,11 +59,13 @@ def stage_profile(ds: SpeechDataset, n: int) -> dict:
 
 
 def throughput(ds: SpeechDataset, batches: list, workers: int) -> float:
-    """Seconds of audio delivered per second of wall time."""
+    """Seconds of audio delivered per second of wall time; a batch holds indices into ``ds.utts``, or (key,
+    utterance) pairs read from shards."""
     t0 = time.perf_counter()
     for _ in loader(ds, batches, workers):
         pass
-    return sum(ds.utts[i].duration for b in batches for i in b) / (time.perf_counter() - t0)
+    seconds = sum((i[1] if isinstance(i, tuple) else ds.utts[i]).duration for b in batches for i in b)
+    return seconds / (time.perf_counter() - t0)
 
 
 def main():
@@ -74,16 +76,16 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         if not args.shards:
             make_shards(utts, tmp, args.shard_size)
-        sharded, _ = read_shards(args.shards or tmp, 60.0)
+        shards = ShardSet([args.shards or tmp], 60.0)
         tok = Tokenizer.train([u.text for u in utts], str(Path(tmp) / "tokenizer.model"), 128)
         config = DataConfig(cache_features=False)
         paths = {"files": (SpeechDataset(utts, tok, config, 80, train=True), length_batches(utts, args.max_frames)),
-                 "shards": (SpeechDataset(sharded, tok, config, 80, train=True),
-                            train_batches(sharded, args.max_frames, 0, 0, 0, 1))}
+                 "shards": (SpeechDataset([], tok, config, 80, train=True, shards=shards),
+                            list(shards.batches(args.max_frames, 0, 0, 0, 1)))}
         ds, batches = paths["files"]
         print(f"{len(utts)} utterances, {sum(u.duration for u in utts) / 60:.1f} min of audio, {len(batches)} "
               f"batches of <= {args.max_frames} padded frames, padding {100 * padding_fraction(utts, batches):.1f}%; "
-              f"{len(sharded)} of them in {len({u.audio for u in sharded})} shards")
+              f"{sum(map(len, paths['shards'][1]))} of them in {len(shards.shards)} shards")
         print(f"{'workers':>7} {'files x real time':>18} {'shards x real time':>19} {'shards / files':>15}")
         for w in (int(x) for x in args.workers.split(",")):
             rates = {name: throughput(d, b, w) for name, (d, b) in paths.items()}

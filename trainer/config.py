@@ -122,6 +122,9 @@ class DataConfig(_Strict):
     corpus_words: int = Field(
         0, description="the embedded corpus speaks only sentences of WordNet's N most frequent example words (0: all)")
     vocab_size: int = Field(256, description="sentencepiece pieces (the CTC blank comes on top)")
+    tokenizer_sentences: int = Field(
+        200000, description="most training texts the tokenizer is trained on (a seeded sample; shards: whole "
+                            "shards in a seeded order), so start-up does not grow with the corpus")
     batch_frames: int = Field(
         12000, description="THE batch: padded 10 ms input frames per optimizer step, all ranks together")
     max_frames_per_rank: int = Field(

@@ -1,21 +1,24 @@
 """Utterances -> features -> length-bucketed padded batches, the same number on every rank.
 
 Every rank must run the same number of steps (each MoE layer is an all-to-all over the expert group), so
-training drops the batches that do not divide evenly, evaluation repeats a batch marked as filler, and a batch
-whose every audio file fails to decode becomes a silent stand-in that carries no loss.
+training ends an epoch when the first rank runs out of batches (the ranks agree on it at each step: sharded
+sets are read lazily, and no rank knows the others' counts), evaluation repeats a batch marked as filler, and a
+batch whose every audio file fails to decode becomes a silent stand-in that carries no loss.
 """
 import random
 import signal
 import sys
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from trainer.config import DataConfig
 from trainer.features import Normalizer, SpecAugment, log_mel, speed_perturb
-from trainer.sources import Utterance, load_utterance
+from trainer.sources import Utterance, load_utterance, read_shard, shard_files
 from trainer.text import Tokenizer
 
 STAND_IN_FRAMES = 8
@@ -23,11 +26,14 @@ STAND_IN_FRAMES = 8
 
 class SpeechDataset(Dataset):
     """Features and labels of utterances. Features are cached when the data config allows (small corpora,
-    no speed perturbation); SpecAugment and speed perturbation apply to training sets only."""
+    no speed perturbation); SpecAugment and speed perturbation apply to training sets only.
+
+    An item is named by its index into ``utts``, or, for a training set read lazily from shards (``shards``),
+    carried whole as (key, utterance); the key seeds its augmentation."""
 
     def __init__(self, utts: list[Utterance], tokenizer: Tokenizer, data: DataConfig, n_mels: int, train: bool,
-                 seed: int = 0):
-        self.utts, self.tokenizer, self.n_mels = utts, tokenizer, n_mels
+                 seed: int = 0, shards: Optional["ShardSet"] = None):
+        self.utts, self.shards, self.tokenizer, self.n_mels = utts, shards, tokenizer, n_mels
         self.seed, self.epoch = seed, 0  # augmentation is a function of (seed, epoch, utterance) alone
         self.normalize = Normalizer(data.global_cmvn)
         self.augment = SpecAugment(data.specaugment) if train else None
@@ -37,18 +43,18 @@ class SpeechDataset(Dataset):
     def __len__(self):
         return len(self.utts)
 
-    def features(self, i: int) -> torch.Tensor:
-        wave = load_utterance(self.utts[i])
+    def features(self, i: int, utt: Utterance) -> torch.Tensor:
+        wave = load_utterance(utt)
         if self.speeds:
             wave = speed_perturb(wave, random.Random(f"{self.seed}:{self.epoch}:{i}").choice(self.speeds))
         return self.normalize(log_mel(wave, self.n_mels))
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        i, utt = item if isinstance(item, tuple) else (item, self.utts[item])
         try:
-            feats = self.cache[i] if self.cache is not None and i in self.cache else self.features(i)
+            feats = self.cache[i] if self.cache is not None and i in self.cache else self.features(i, utt)
         except Exception as e:  # any decoding failure skips the utterance; the run goes on
-            print(f"skipping {self.utts[i].origin}: audio {self.utts[i].audio} unreadable ({e})",
-                  file=sys.stderr, flush=True)
+            print(f"skipping {utt.origin}: audio {utt.audio} unreadable ({e})", file=sys.stderr, flush=True)
             return None
         if self.cache is not None:
             self.cache[i] = feats
@@ -57,7 +63,7 @@ class SpeechDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
                 feats = self.augment(feats)
-        return feats, torch.tensor(self.tokenizer.encode(self.utts[i].text), dtype=torch.long), i
+        return feats, torch.tensor(self.tokenizer.encode(utt.text), dtype=torch.long), i
 
     def collate(self, items) -> dict:
         """Pad to the longest member. ``weight`` is 0 for the stand-in of an all-failed batch."""
@@ -115,33 +121,93 @@ class SamplerState:
 
 def train_batches(utts, max_frames: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
     """The batches of one epoch for one rank, shuffled deterministically from (seed, epoch)."""
-    if any(u.member for u in utts):
-        return shard_batches(utts, max_frames, seed, epoch, rank, world)
     batches = length_batches(utts, max_frames)
     random.Random(seed * 1000003 + epoch).shuffle(batches)
     return shard(batches, rank, world, fill=False)
 
 
-def shard_batches(utts, max_frames: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
-    """Sharded audio (Shar tars): the shards in an order drawn from (seed, epoch) are dealt round-robin to the
-    ranks; a rank reads its shards one after another, each shard's batches in a shuffled order, so its reads
-    stay within one tar at a time. Every rank gets the count of the poorest (none waits at the all-to-all);
-    a resume position indexes this list, which is a function of (seed, epoch, rank, world) alone."""
-    members: dict[str, list[int]] = {}
-    for i, u in enumerate(utts):
-        members.setdefault(u.audio, []).append(i)
-    shards = sorted(members)
-    random.Random(seed * 1000003 + epoch).shuffle(shards)
-    per_rank = []
-    for r in range(world):
-        batches = []
-        for tar in shards[r::world]:
-            idx = members[tar]
-            local = length_batches([utts[i] for i in idx], max_frames)
-            random.Random(f"{seed}:{epoch}:{Path(tar).name}").shuffle(local)
-            batches += [[idx[j] for j in b] for b in local]
-        per_rank.append(batches)
-    return per_rank[rank][:min(len(b) for b in per_rank)]
+class ShardSet:
+    """A training set in Lhotse Shar shards, read lazily: start-up lists the shard files only, and a rank reads
+    the cut records of a shard when it reaches it, so neither start-up time nor memory grows with the corpus
+    (the bucketing buffer is one shard, ``tools/make_shards.py --shard_size``)."""
+
+    def __init__(self, folders: list[str], max_duration: float):
+        self.shards, self.problems = [], []  # (cut records, tar), sorted by tar; cut files without their tar
+        for folder in folders:
+            shards, problems = shard_files(folder)
+            self.shards += shards
+            self.problems += problems
+        self.shards.sort(key=lambda s: s[1])
+        self.max_duration = max_duration
+        self.reported = set()  # shards whose unusable rows this process has named
+
+    def read(self, n: int) -> list[Utterance]:
+        """The usable utterances of shard n; the others are named once per process."""
+        utts, problems = read_shard(*self.shards[n], self.max_duration)
+        if problems and n not in self.reported:
+            self.reported.add(n)
+            print(f"{self.shards[n][0]}: skipping {len(problems)} unusable rows:\n  " + "\n  ".join(problems[:20]),
+                  file=sys.stderr, flush=True)
+        return utts
+
+    def batches(self, max_frames: int, seed: int, epoch: int, rank: int, world: int) -> Iterator[list]:
+        """This rank's batches of one epoch, as (key, utterance) lists. The shards, in an order drawn from (seed,
+        epoch), are dealt round-robin to the ranks; a rank reads its shards one after another, each shard's
+        batches in a shuffled order, so its reads stay within one tar at a time. The sequence is a function of
+        (seed, epoch, rank, world) alone: a resume position indexes it."""
+        order = list(range(len(self.shards)))
+        random.Random(seed * 1000003 + epoch).shuffle(order)
+        for n in order[rank::world]:
+            utts = self.read(n)
+            local = length_batches(utts, max_frames)
+            random.Random(f"{seed}:{epoch}:{Path(self.shards[n][1]).name}").shuffle(local)
+            for b in local:
+                yield [(n << 24 | j, utts[j]) for j in b]
+
+    def texts(self, limit: int, seed: int) -> list[str]:
+        """At most ``limit`` texts, from whole shards in an order drawn from the seed (a tokenizer's sample)."""
+        order = list(range(len(self.shards)))
+        random.Random(seed).shuffle(order)
+        texts = []
+        for n in order:
+            if len(texts) >= limit:
+                break
+            texts += [u.text for u in self.read(n)]
+        return texts[:limit]
+
+
+def epoch_batches(dataset: SpeechDataset, max_frames: int, seed: int, epoch: int, rank: int, world: int,
+                  start: int = 0) -> Iterator[list]:
+    """This rank's batches of an epoch from batch ``start`` on (a resume position): lazily from shards, or
+    planned in memory. Skipping reads no audio."""
+    if dataset.shards:
+        return islice(dataset.shards.batches(max_frames, seed, epoch, rank, world), start, None)
+    return iter(train_batches(dataset.utts, max_frames, seed, epoch, rank, world)[start:])
+
+
+def tokenizer_sample(utts: list[Utterance], shards: Optional[ShardSet], limit: int, seed: int) -> list[str]:
+    """The texts a tokenizer is trained on: all of them up to ``limit``, else a seeded sample of that size."""
+    if shards:
+        return shards.texts(limit, seed)
+    texts = [u.text for u in utts]
+    return texts if len(texts) <= limit else random.Random(seed).sample(texts, limit)
+
+
+def describe(utts: list[Utterance], shards: Optional[ShardSet]) -> str:
+    """A training set in a few words, for the log."""
+    if shards:
+        return f"{len(shards.shards):,} shards, read lazily"
+    return f"{len(utts):,} utterances, {sum(u.duration for u in utts) / 3600:.2f} h"
+
+
+def with_last(items: Iterable) -> Iterator[tuple]:
+    """(item, is_last) pairs: the next item is fetched before the current one is handed out."""
+    it = iter(items)
+    current = next(it, None)
+    while current is not None:
+        following = next(it, None)
+        yield current, following is None
+        current = following
 
 
 def _plain_signals(_worker_id: int):
@@ -152,7 +218,7 @@ def _plain_signals(_worker_id: int):
         signal.signal(sig, signal.SIG_DFL)
 
 
-def loader(dataset: SpeechDataset, batches: list[list[int]], workers: int) -> DataLoader:
+def loader(dataset: SpeechDataset, batches: Iterable[list], workers: int) -> DataLoader:
     # A generator of its own: creating an iterator must not draw from the global stream that dropout uses.
     return DataLoader(dataset, batch_sampler=batches, collate_fn=dataset.collate, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), generator=torch.Generator(),

@@ -56,10 +56,10 @@ def forward(engine, batch: dict) -> tuple[ModelOutput, torch.Tensor, torch.Tenso
     return out, ctc, objective.real_frames(out, weight)
 
 
-def step_loss(engine, project: ProjectConfig, batch: dict, stop_requested: bool = False):
+def step_loss(engine, project: ProjectConfig, batch: dict, stop_requested: bool = False, last: bool = False):
     """Forward one micro-batch and normalise its loss over all ranks: (Loss, output, StepTotals). One
-    all-reduce (frame and routing counts, non-finite and stop flags), entered by every rank."""
+    all-reduce (frame and routing counts, non-finite, stop and last-batch flags), entered by every rank."""
     out, ctc, frames = forward(engine, batch)
     ctc_sum = ctc.sum()
-    totals = objective.step_totals(out, frames, bool(torch.isfinite(ctc_sum)), stop_requested)
+    totals = objective.step_totals(out, frames, bool(torch.isfinite(ctc_sum)), stop_requested, last)
     return objective.loss(ctc_sum, out, totals, project.moe, distributed.world()), out, totals

@@ -6,6 +6,7 @@ normalises the loss (``objective``), and evaluation scores the dev sets (``evalu
 """
 import json
 import time
+from itertools import chain
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,8 @@ import torch
 from trainer import distributed
 from trainer.checkpoint import Checkpointer, Record
 from trainer.config import ProjectConfig, batch_plan, resolve_ep_size
-from trainer.data import SamplerState, SpeechDataset, length_batches, loader, padding_fraction, train_batches
+from trainer.data import (SamplerState, SpeechDataset, describe, epoch_batches, length_batches, loader,
+                          padding_fraction, with_last)
 from trainer.distributed import log0
 from trainer.engine import step_loss
 from trainer.evaluation import evaluate_dev_sets
@@ -36,6 +38,7 @@ class StepResult:
     boundary: bool  # the last micro-batch of an optimizer step
     skipped: bool  # not trained on (a non-finite loss on some rank)
     stopping: bool  # a stop was requested on some rank
+    last: bool  # the last micro-batch of the epoch (some rank has no further batch)
 
 
 class Trainer:
@@ -85,9 +88,10 @@ class Trainer:
             log0(f"the run finished at step {self.engine.global_steps} (run.max_steps); nothing to do")
             return 0
         utts = self.train_set.utts
-        all_batches = length_batches(utts, self.plan.micro_frames)
-        log0(f"{self.plan.describe()}; {len(all_batches)} micro-batches per epoch, padding "
-             f"{100 * padding_fraction(utts, all_batches):.1f}% of frames")
+        if utts:  # a sharded set is read lazily: its batches are not known in advance
+            all_batches = length_batches(utts, self.plan.micro_frames)
+            log0(f"{self.plan.describe()}; {len(all_batches)} micro-batches per epoch, padding "
+                 f"{100 * padding_fraction(utts, all_batches):.1f}% of frames")
         self.stop = stop = StopSignal(self.project.run.stop_grace_s)
         started, first_step = time.time(), self.engine.global_steps
         self.meter = TrainMeter(self.moe_layers)  # sums between two log lines, across epoch boundaries
@@ -100,20 +104,33 @@ class Trainer:
         return 0
 
     def train_epoch(self, stop: StopSignal, started: float, first_step: int):
-        """The rest of this epoch (from the data position); REQUEUE after a stop is agreed and saved."""
+        """The rest of this epoch (from the data position); REQUEUE after a stop is agreed and saved. The epoch
+        ends where the ranks agree that one has no further batch (the data position moves to the next epoch
+        before that step's checkpoint), or at once when a rank resumes with none left."""
         engine, run = self.engine, self.project.run
         rank, world = distributed.rank(), distributed.world()
-        batches = train_batches(self.train_set.utts, self.plan.micro_frames, run.seed, self.state.epoch, rank, world)
-        if not batches:
-            raise TrainingError(f"{world} ranks and {self.plan.micro_frames} frames per micro-batch leave no "
-                                f"training batch for every rank ({len(self.train_set)} utterances)")
+        batches = epoch_batches(self.train_set, self.plan.micro_frames, run.seed, self.state.epoch, rank, world,
+                                start=self.state.position)
         self.train_set.epoch, skipped = self.state.epoch, 0
         engine.train()
-        for batch in loader(self.train_set, batches[self.state.position:], self.project.data.num_workers):
+        stream = with_last(loader(self.train_set, batches, self.project.data.num_workers))
+        first = next(stream, None)
+        if distributed.sum_over_ranks({"empty": torch.tensor([float(first is None)])})["empty"][0] > 0:
+            if self.state.position == 0:
+                raise TrainingError(f"{world} ranks and {self.plan.micro_frames} frames per micro-batch leave no "
+                                    f"training batch for every rank in epoch {self.state.epoch} "
+                                    f"({describe(self.train_set.utts, self.train_set.shards)})")
+            # All ranks took `position` batches and one has no more: a checkpoint saved at the epoch's end.
+            self.state.epoch, self.state.position = self.state.epoch + 1, 0
+            return 0
+        for batch, last in chain([first], stream):
             self.state.position += 1
             skipped += batch["skipped"]
             self.phase = f"training step {engine.global_steps + 1}"
-            result = self.train_step(batch, self.meter, bool(stop.received))
+            result = self.train_step(batch, self.meter, bool(stop.received), last)
+            if result.last:
+                report_skipped(skipped, self.state.epoch)
+                self.state.epoch, self.state.position = self.state.epoch + 1, 0
             stop.beat()
             step = engine.global_steps
             if result.stopping and (result.boundary or result.skipped):
@@ -121,35 +138,34 @@ class Trainer:
                 log0(f"stop requested ({stop.received or 'by another rank'}): saving at step {step}")
                 self.save()
                 return REQUEUE
-            if not result.boundary or result.skipped:
-                continue
-            if step % run.log_every == 0 or step == run.max_steps:
-                self.log_train(self.meter, step, first_step, started)
-                self.meter = TrainMeter(self.moe_layers)
-            if step >= run.max_steps:
-                break
-            if run.eval_every and step % run.eval_every == 0:
-                self.evaluate_and_save()
-                engine.train()
-            elif run.save_every and step % run.save_every == 0:
-                self.save()
-        report_skipped(skipped, self.state.epoch)
-        if self.state.position == len(batches):
-            self.state.epoch, self.state.position = self.state.epoch + 1, 0
-        return 0
+            if result.boundary and not result.skipped:
+                if step % run.log_every == 0 or step == run.max_steps:
+                    self.log_train(self.meter, step, first_step, started)
+                    self.meter = TrainMeter(self.moe_layers)
+                if step >= run.max_steps:
+                    return 0
+                if run.eval_every and step % run.eval_every == 0:
+                    self.evaluate_and_save()
+                    engine.train()
+                elif run.save_every and step % run.save_every == 0:
+                    self.save()
+            if result.last:
+                return 0
+        raise TrainingError(f"rank {rank}: the batches of epoch {self.state.epoch} ended without the ranks "
+                            "agreeing on the last one")
 
-    def train_step(self, batch: dict, meter: TrainMeter, stop_requested: bool) -> StepResult:
+    def train_step(self, batch: dict, meter: TrainMeter, stop_requested: bool, last: bool) -> StepResult:
         """One micro-batch, agreed by all ranks.
 
         A non-finite loss on any rank skips the batch on every rank before backward. A non-finite gradient
         with a finite loss is caught by DeepSpeed's ZeRO optimizer, which skips the step on every rank (the
         global norm is reduced over expert and non-expert groups alike); it is counted here the same way."""
         engine = self.engine
-        loss, out, totals = step_loss(engine, self.project, batch, stop_requested)
+        loss, out, totals = step_loss(engine, self.project, batch, stop_requested, last)
         boundary = engine.is_gradient_accumulation_boundary()  # DeepSpeed advances it in step()
         if totals.bad_loss:
             self.count_bad_step("loss")
-            return StepResult(boundary, True, totals.stop)
+            return StepResult(boundary, True, totals.stop, totals.last)
         engine.backward(loss.total)
         engine.step()
         if boundary and not engine.was_step_applied():
@@ -157,7 +173,7 @@ class Trainer:
         else:
             self.bad_in_a_row = 0
             meter.add(int(batch["lengths"].sum()), loss, out.routing)
-        return StepResult(boundary, False, totals.stop)
+        return StepResult(boundary, False, totals.stop, totals.last)
 
     def count_bad_step(self, what: str):
         """A skipped batch or step; more than run.max_bad_steps in a row stop the run with a checkpoint."""

@@ -43,16 +43,18 @@ class StepTotals:
     choice_counts_LE: torch.Tensor  # first-choice counts per MoE layer and expert over all ranks
     bad_loss: bool  # a non-finite loss on some rank
     stop: bool  # a stop requested on some rank
+    last: bool  # some rank has no batch after this one: the epoch ends here for all
 
 
-def step_totals(out: ModelOutput, frames: torch.Tensor, loss_finite: bool, stop_requested: bool) -> StepTotals:
+def step_totals(out: ModelOutput, frames: torch.Tensor, loss_finite: bool, stop_requested: bool,
+                last: bool = False) -> StepTotals:
     """One all-reduce per step: the global frame count, routing counts and the flags (a collective)."""
     counts = torch.stack([s.choice_counts_E for s in out.routing]) if out.routing else frames.new_zeros(0, 0)
-    total = distributed.sum_over_ranks({"frames": frames, "counts": counts,
-                                        "flags": torch.tensor([float(not loss_finite), float(stop_requested)])})
+    flags = torch.tensor([float(not loss_finite), float(stop_requested), float(last)])
+    total = distributed.sum_over_ranks({"frames": frames, "counts": counts, "flags": flags})
+    bad, stop, last = (bool(f > 0) for f in total["flags"])
     return StepTotals(total["frames"].to(frames.device, frames.dtype),
-                      total["counts"].to(counts.device, torch.float32), bool(total["flags"][0] > 0),
-                      bool(total["flags"][1] > 0))
+                      total["counts"].to(counts.device, torch.float32), bad, stop, last)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from trainer.checkpoint import ResumeError
 from trainer.config import (ConfigError, batch_plan, load_config, parse_assignment, resolve_ep_size,
                             with_assignments)
 from trainer.corpus import build_corpus
-from trainer.data import SpeechDataset
+from trainer.data import ShardSet, SpeechDataset, describe, tokenizer_sample
 from trainer.distributed import log0
 from trainer.engine import build_engine, build_model
 from trainer.evaluation import EvaluationError
@@ -126,6 +126,21 @@ def read_dev_sets(data, manifests: list[str], options: dict) -> dict:
     return dev
 
 
+def read_train_shards(data, manifests: list[str]) -> ShardSet:
+    """The training shards, listed (read lazily in training); strict_data reads every record first."""
+    if manifests or data.train_hf or data.train_cuts:
+        raise DataError("--train_shards cannot be mixed with other training sources: write those as shards too "
+                        "(tools/make_shards.py)")
+    shards = ShardSet(list(data.train_shards), data.max_duration)
+    if data.strict_data:  # a check of everything before training starts, at the cost of reading it all
+        read_sources([], [], data.max_duration, True, shards=data.train_shards)
+    if len(shards.shards) < distributed.world():
+        raise DataError(f"{', '.join(data.train_shards)}: {len(shards.shards)} shards for {distributed.world()} "
+                        "ranks; each rank reads shards of its own: write smaller ones (tools/make_shards.py "
+                        "--shard_size)")
+    return shards
+
+
 def prepare_data(project):
     """Utterances (the embedded corpus unless given), the tokenizer made once by rank 0, and the datasets."""
     data, out = project.data, Path(project.run.output_dir)
@@ -139,25 +154,30 @@ def prepare_data(project):
     if not (dev_m or data.dev_hf or data.dev_cuts or data.dev_shards):
         raise DataError("no dev set: pass --dev_manifest, --dev_cuts or --dev_shards (or omni_router.data.dev_hf)")
     options = dict(cuts_root=data.cuts_root, duration_cache=data.duration_cache)
+    shards = read_train_shards(data, train_m) if data.train_shards else None
     train, problems = read_sources(train_m, data.train_hf, data.max_duration, data.strict_data,
-                                   cuts=data.train_cuts, shards=data.train_shards, **options)
+                                   cuts=data.train_cuts, **options) if shards is None else ([], shards.problems)
     report(problems, "train")
     dev = read_dev_sets(data, dev_m, options)
     for name, utts in [("train", train), *dev.items()]:
-        if not utts:
+        if not utts and not (name == "train" and shards):
             raise DataError(f"{name}: no usable utterance")
     read = train_m + list(data.train_cuts) + list(data.train_shards) + [h.path for h in data.train_hf]
-    log0(f"train: {len(train):,} utterances, {sum(u.duration for u in train) / 3600:.2f} h, from {', '.join(read)}; "
-         f"dev sets: {', '.join(dev)}")
-    sp_path = out / checkpoint.TOKENIZER
+    log0(f"train: {describe(train, shards)}, from {', '.join(read)}; dev sets: {', '.join(dev)}")
+    sp_path, seed = out / checkpoint.TOKENIZER, project.run.seed
+
+    def make_tokenizer():  # on a bounded sample of the texts, so start-up does not grow with the corpus
+        return sp_path.exists() or Tokenizer.train(tokenizer_sample(train, shards, data.tokenizer_sentences, seed),
+                                                   str(sp_path), data.vocab_size)
+
     # Every rank enters: rank 0 alone looks for the file (a rank that looked itself could find it already
     # written by rank 0 and skip the broadcast that rank 0 then waits in).
-    on_rank0(lambda: sp_path.exists() or Tokenizer.train([u.text for u in train], str(sp_path), data.vocab_size))
+    on_rank0(make_tokenizer)
     tokenizer = Tokenizer(str(sp_path))
     if data.global_cmvn:  # the statistics travel with the model, beside its tokenizer
         on_rank0(lambda: shutil.copyfile(data.global_cmvn, out / checkpoint.CMVN))
     n_mels = project.model.n_mels
-    return (SpeechDataset(train, tokenizer, data, n_mels, train=True, seed=project.run.seed),
+    return (SpeechDataset(train, tokenizer, data, n_mels, train=True, seed=seed, shards=shards),
             {name: SpeechDataset(utts, tokenizer, data, n_mels, train=False) for name, utts in dev.items()},
             tokenizer)
 
@@ -205,7 +225,8 @@ def train(args, ds_config, project) -> int:
     distributed.apply_timeout()  # DeepSpeed's groups too
     params = sum(p.numel() for p in model.parameters())
     log0(f"mode {project.moe.mode}: {params:,} parameters on rank 0, {len(model.routers())} router(s), "
-         f"{world} rank(s), ep_size {resolve_ep_size(project.moe, world)}, {len(train_set)} train / "
+         f"{world} rank(s), ep_size {resolve_ep_size(project.moe, world)}, "
+         f"{describe(train_set.utts, train_set.shards)} train / "
          f"{sum(len(d) for d in dev_sets.values())} dev utterances, vocabulary {tokenizer.vocab_size}; "
          f"{plan.describe()}")
     trainer = Trainer(engine, project, train_set, dev_sets, tokenizer, project.run.output_dir)

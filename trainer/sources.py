@@ -308,28 +308,48 @@ def load_utterance(u: Utterance):
     return load_audio(audio_source(u), u.offset, u.duration if u.offset or u.segment else 0.0)
 
 
-def read_shards(folder: str, max_duration: float, deep: bool = False) -> tuple[list[Utterance], list[str]]:
-    """A Lhotse Shar folder (cuts.NNNNNN.jsonl.gz beside recording.NNNNNN.tar, as tools/make_shards.py and
-    Lhotse's own ``to_shar`` write): one utterance per supervision, its audio a member of the shard's tar.
-    Only the cut records are read here; deep=True also reads the tar headers to find every member."""
+def shard_files(folder: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """(cut records, audio tar) of each shard of a Lhotse Shar folder (cuts.NNNNNN.jsonl.gz beside
+    recording.NNNNNN.tar, as tools/make_shards.py and Lhotse's own ``to_shar`` write), and the cut files
+    without their tar. Nothing inside is read."""
     cut_files = sorted(Path(folder).glob("cuts.*.jsonl.gz"))
     if not cut_files:
         raise DataError(f"{folder}: no Lhotse Shar shards (cuts.NNNNNN.jsonl.gz) in it")
-    utts, problems = [], []
+    shards, problems = [], []
     for cuts in cut_files:
         tar = str(cuts.with_name(cuts.name.replace("cuts.", "recording.", 1).replace(".jsonl.gz", ".tar")))
-        if not os.path.exists(tar):
+        if os.path.exists(tar):
+            shards.append((str(cuts), tar))
+        else:
             problems.append(f"{cuts}: no {Path(tar).name} beside it")
+    return shards, problems
+
+
+def read_shard(cuts: str, tar: str, max_duration: float, deep: bool = False) -> tuple[list[Utterance], list[str]]:
+    """One shard: an utterance per supervision, its audio a member of the tar. Only the cut records are read;
+    deep=True also reads the tar headers to find every member."""
+    utts, problems = [], []
+    for origin, cut in _cut_lines(cuts):
+        reason = cut if isinstance(cut, str) else \
+            f"no audio member in {tar}" if deep and cut.id not in tar_index(tar) else ""
+        if reason:
+            problems.append(f"{origin}: {reason}")
             continue
-        for origin, cut in _cut_lines(str(cuts)):
-            reason = cut if isinstance(cut, str) else \
-                f"no audio member in {tar}" if deep and cut.id not in tar_index(tar) else ""
-            if reason:
-                problems.append(f"{origin}: {reason}")
-                continue
-            u, p = _supervised(cut, origin, tar, 0.0, cut.duration, f"member {cut.id}", max_duration, cut.id)
-            utts += u
-            problems += p
+        u, p = _supervised(cut, origin, tar, 0.0, cut.duration, f"member {cut.id}", max_duration, cut.id)
+        utts += u
+        problems += p
+    return utts, problems
+
+
+def read_shards(folder: str, max_duration: float, deep: bool = False) -> tuple[list[Utterance], list[str]]:
+    """Every shard of a Shar folder, read whole (dev sets, tools, strict checks; training reads its shards
+    lazily, ``data.ShardSet``)."""
+    shards, problems = shard_files(folder)
+    utts = []
+    for cuts, tar in shards:
+        u, p = read_shard(cuts, tar, max_duration, deep)
+        utts += u
+        problems += p
     return utts, problems
 
 
