@@ -21,8 +21,13 @@ def probe() -> dict:
     return batch(7, n_mels=80, lengths=(160, 123, 90))
 
 
-def _engine_log_probs(tag_dir: str) -> torch.Tensor:
-    """Load a DeepSpeed checkpoint into a real engine at this world size; its log-probs on the probe batch."""
+def _engine_log_probs(tag_dirs: list[str]) -> list[torch.Tensor]:
+    """Load each DeepSpeed checkpoint into a real engine at this world size; their log-probs on the probe batch
+    (several engines in one process: one start-up for all)."""
+    return [_log_probs(tag_dir) for tag_dir in tag_dirs]
+
+
+def _log_probs(tag_dir: str) -> torch.Tensor:
     saved = torch.load(Path(tag_dir) / MODEL_STATES, map_location="cpu", weights_only=False)
     project = ProjectConfig.model_validate(saved["project_config"])
     model = build_model(project, saved["module"]["head.weight"].shape[0] - 1)
@@ -54,16 +59,17 @@ def test_consolidated_logits_equal_the_engines_and_resharded_checkpoints_load_at
     with torch.no_grad():
         mine = model(probe()["feats"], probe()["lengths"]).log_probs
 
-    engines = run_ranks(_engine_log_probs, 2, newest(run))
-    for rank_out in engines:
-        torch.testing.assert_close(mine, rank_out, rtol=0, atol=1e-5)
-
     for ep in (1, 2):
         out = tmp_path / f"ep{ep}"
         proc = tool("tools/consolidate_checkpoint.py", newest(run), "--ep_size", str(ep), "--to_deepspeed", str(out))
         assert proc.returncode == 0, proc.stderr[-3000:]
-        for rank_out in run_ranks(_engine_log_probs, ep, newest(out)):
-            torch.testing.assert_close(mine, rank_out, rtol=0, atol=1e-5)
+    # The trained checkpoint and its re-sharded copies, each in a real engine at its own world size.
+    two = run_ranks(_engine_log_probs, 2, [newest(run), newest(tmp_path / "ep2")])
+    one = run_ranks(_engine_log_probs, 1, [newest(tmp_path / "ep1")])
+    outs = [t for rank_outs in two + one for t in rank_outs]
+    assert len(outs) == 2 * 2 + 1
+    for rank_out in outs:
+        torch.testing.assert_close(mine, rank_out, rtol=0, atol=1e-5)
 
 
 def test_the_trainer_continues_from_a_resharded_checkpoint(trained, corpus, tmp_path):

@@ -137,7 +137,7 @@ def _poisoned_gradients(out_dir: str) -> dict:
         poison[0] = bad
         before = router.detach().clone()
         try:
-            trainer.train_step(batch(10 * i + dist.get_rank()), TrainMeter(3), False)
+            trainer.train_step(batch(10 * i + dist.get_rank()), TrainMeter(3), False, False)
         except TrainingError as e:
             seen.append(("stopped", str(e)))
             break
