@@ -257,6 +257,12 @@ def test_damaged_shard_members_are_skipped_and_named(tmp_path, corpus, tokenizer
     assert [ds[i] is None for i in range(6)] == [False, True, False, False, False, True]
     err = capsys.readouterr().err
     assert f"cuts.000000.jsonl.gz:2 (cut {sorted(tar_index(tar))[1]})" in err and "truncated" in err
+    make_shards(plain[:4], str(tmp_path / "t"), shard_size=2)
+    os.remove(tmp_path / "t" / "recording.000001.tar")  # a shard's audio gone: skipped, or refused when strict
+    assert ShardSet([str(tmp_path / "t")], 20.0).problems == [f"{tmp_path / 't' / 'cuts.000001.jsonl.gz'}: no "
+                                                             "recording.000001.tar beside it"]
+    with pytest.raises(DataError, match="1 unusable rows"):
+        read_sources([], [], 20.0, strict=True, shards=[str(tmp_path / "t")])
 
 
 def test_prepare_librispeech_layout(tmp_path):
