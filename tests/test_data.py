@@ -13,8 +13,8 @@ from tools.make_cuts import make_cuts
 from tools.make_shards import make_shards
 from tools.prepare_librispeech import main as prepare_librispeech
 from trainer.config import DataConfig, HFSource
-from trainer.data import (ShardSet, SpeechDataset, epoch_batches, length_batches, padding_fraction, shard,
-                          tokenizer_sample, train_batches)
+from trainer.data import (ShardSet, SpeechDataset, epoch_batches, length_batches, loader, padding_fraction,
+                          shard, tokenizer_sample, train_batches)
 from trainer.audio import load_audio
 from trainer.sources import DataError, load_utterance, read_cuts, read_manifest, read_shards, read_sources, tar_index
 from trainer.text import Tokenizer
@@ -218,6 +218,10 @@ def test_shar_shards_hold_the_audio_and_each_rank_reads_its_own_shards_in_turn(t
         assert list(epoch_batches(lazy, 600, 1234, epoch, 1, 2, start=3)) == ranks[1][3:]  # a resume position
     assert list(shards.batches(600, 1234, 0, 0, 2)) != list(shards.batches(600, 1234, 1, 0, 2))
     assert lazy[ranks[0][0][0]][2] == ranks[0][0][0][0]  # an item carries its key and utterance
+    plan = ranks[0][:3]  # items cross to DataLoader workers whole; augmentation follows the key, not the worker
+    alone, workers = (list(loader(lazy, plan, w)) for w in (0, 2))
+    assert all(torch.equal(a["feats"], w["feats"]) and torch.equal(a["index"], w["index"])
+               for a, w in zip(alone, workers, strict=True))
 
 
 def test_shards_are_read_lazily_as_a_rank_reaches_them(tmp_path, corpus):
