@@ -61,14 +61,16 @@ def dropless_moe(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: torch.T
     expert_R = indices_KS.reshape(-1)[taken].long()
     gate_R = gates_KS.reshape(-1)[taken]
     order = torch.argsort(expert_R, stable=True)
-    x_sorted = x_SD.index_select(0, token_R[order])
+    token_sorted = token_R[order]
+    x_sorted = x_SD.index_select(0, token_sorted)
     counts_E = torch.bincount(expert_R, minlength=num_experts)
     if ep_size > 1:
         y_sorted = _exchange_and_compute(x_sorted, counts_E, experts, ep_group, ep_size)
     else:
         y_sorted = segment_ffn(x_sorted, counts_E.tolist(), experts)
-    y_R = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)
-    return x_SD.new_zeros(S, D).index_add(0, token_R, y_R * gate_R.unsqueeze(1).to(y_R.dtype))
+    # Scattered straight from expert order: a frame's (at most K) routes add into its row.
+    weighted = y_sorted * gate_R[order].unsqueeze(1).to(y_sorted.dtype)
+    return x_SD.new_zeros(S, D).index_add(0, token_sorted, weighted)
 
 
 def _exchange_and_compute(x_sorted: torch.Tensor, counts_E: torch.Tensor, experts, ep_group, ep_size: int):
