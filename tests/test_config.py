@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import (ConfigError, batch_plan, load_config, parse_assignment, reference_table, resolve_ep_size,
-                            with_assignments)
+                            with_assignments, zero_for_world)
 
 CPU = ["ds_configs/omni.json", "ds_configs/switch.json", "ds_configs/dense.json"]
 PAPER = ["ds_configs/paper/omni_8x84m.json", "ds_configs/paper/switch_8x84m.json", "ds_configs/paper/dense_84m.json"]
@@ -136,3 +136,16 @@ def test_set_overrides_any_key_and_names_a_bad_one():
         with_assignments(project, [parse_assignment("moe.lb_cof=0.1")])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_assignment("run.max_steps")
+
+
+def test_contiguous_gradients_are_off_on_one_rank_and_refused_off_with_expert_parallelism():
+    ds, project = load_config("ds_configs/omni.json")
+    assert zero_for_world(ds, project, 1) == {"stage": 1, "contiguous_gradients": False}
+    assert zero_for_world(ds, project, 2) == {"stage": 1}  # DeepSpeed's default (true) on several ranks
+    off = {**ds, "zero_optimization": {"stage": 1, "contiguous_gradients": False}}
+    with pytest.raises(ConfigError, match=r"zero_optimization.contiguous_gradients: false .* \(ep_size 2\)"):
+        zero_for_world(off, project, 2)
+    dense = project.model_copy(update={"moe": project.moe.model_copy(update={"mode": "dense"})})
+    assert zero_for_world(off, dense, 2) == off["zero_optimization"]  # no experts: DeepSpeed reduces it right
+    stage2 = {**ds, "zero_optimization": {"stage": 2}}
+    assert zero_for_world(stage2, project, 1) == {"stage": 2}  # DeepSpeed requires it on with MoE under ZeRO 2

@@ -5,6 +5,7 @@ import torch.distributed as dist
 
 from tests.common import VOCAB, batch, ds_dict, fill_weights, global_name, tiny_project, union
 from tests.distributed import run_ranks
+from trainer.config import load_config
 from trainer.engine import build_engine, build_model, step_loss
 
 
@@ -70,26 +71,39 @@ def test_zero_trains_omni_and_router_stays_identical_across_ranks(stage):
     assert all(torch.isfinite(torch.tensor(l0 + l1)))
 
 
-def _grad_norm(stage):
-    """Global gradient norm DeepSpeed computes (and clips with) for one optimizer step."""
+def shipped_cpu_deepspeed() -> dict:
+    """The optimizer and ZeRO keys of the shipped CPU configs: fused AdamW, ZeRO 1 (``contiguous_gradients`` is
+    then off on one rank and DeepSpeed's default on two, so this also compares the two gradient paths)."""
+    ds, _ = load_config("ds_configs/omni.json")
+    return {"optimizer": ds["optimizer"], "zero_optimization": ds["zero_optimization"], "steps_per_print": 10 ** 9}
+
+
+DEEPSPEED = {"stage 2": lambda: ds_dict(stage=2), "shipped CPU, stage 1": shipped_cpu_deepspeed}
+
+
+def _clipped_step(variant):
+    """Global gradient norm DeepSpeed computes (and clips with) for one optimizer step, and the router after it."""
     rank, world = dist.get_rank(), dist.get_world_size()
     project = tiny_project("omni", 1, drop_tokens=False)
     model = build_model(project, VOCAB)
     fill_weights(model, ep_rank=rank, n_local=4 // world)
-    engine = build_engine({**ds_dict(stage=stage), "gradient_clipping": 0.5}, project, model)
+    before = model.routers()[0].wg.weight.detach().clone()
+    engine = build_engine({**DEEPSPEED[variant](), "gradient_clipping": 0.5}, project, model)
     b = union(*[batch(**s) for s in SHARDS]) if world == 1 else batch(**SHARDS[rank])
     loss, _, _ = step_loss(engine, project, b)
     engine.backward(loss.total)
     engine.step()
-    return float(engine.get_global_grad_norm())
+    return float(engine.get_global_grad_norm()), before, engine.module.routers()[0].wg.weight.detach().clone()
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_global_grad_norm_with_ep2_equals_ep1(stage):
-    [ref] = run_ranks(_grad_norm, 1, stage)
-    norms = run_ranks(_grad_norm, 2, stage)
-    assert ref > 0.5  # clipping is active at this norm
-    assert norms[0] == pytest.approx(ref, rel=1e-5) and norms[1] == pytest.approx(ref, rel=1e-5)
+@pytest.mark.parametrize("variant", list(DEEPSPEED))
+def test_global_grad_norm_and_update_with_ep2_equal_ep1(variant):
+    [(ref, before, ref_router)] = run_ranks(_clipped_step, 1, variant)
+    ranks = run_ranks(_clipped_step, 2, variant)
+    assert ref > 0.5 and not torch.equal(ref_router, before)  # clipping is active, and the step moved the router
+    for norm, _, router in ranks:
+        assert norm == pytest.approx(ref, rel=1e-5)
+        torch.testing.assert_close(router, ref_router, rtol=1e-5, atol=1e-7)
 
 
 def _dropless_and_capacity(mode):

@@ -9,22 +9,23 @@ import deepspeed
 import torch
 
 from trainer import distributed, objective
-from trainer.config import ProjectConfig, batch_plan, resolve_ep_size
+from trainer.config import ProjectConfig, batch_plan, resolve_ep_size, zero_for_world
 from trainer.deepspeed_contract import ep_rank, install_checkpoint_engine
 from trainer.model import CTCModel, ModelOutput
 
 
 def ds_config_for(ds_config: dict, project: ProjectConfig) -> dict:
-    """DeepSpeed's dict with what derives from the project section filled in: the scheduler's length, and the
+    """DeepSpeed's dict with what derives from the project section filled in: the scheduler's length, the
     batch keys from ``data.batch_frames`` (one "sample" is one micro-batch; accumulation keeps the global batch
-    fixed whatever the number of ranks)."""
+    fixed whatever the number of ranks) and the ZeRO settings for the world size (``zero_for_world``)."""
     cfg = copy.deepcopy(ds_config)
     sched = cfg.get("scheduler", {}).get("params")
     if sched is not None and cfg["scheduler"].get("type") in ("WarmupDecayLR", "WarmupCosineLR"):
         sched.setdefault("total_num_steps", project.run.max_steps)
     plan = batch_plan(project.data, distributed.world())
     cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=plan.accumulation,
-               train_batch_size=plan.world * plan.accumulation)
+               train_batch_size=plan.world * plan.accumulation,
+               zero_optimization=zero_for_world(cfg, project, plan.world))
     return cfg
 
 

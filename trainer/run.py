@@ -17,7 +17,7 @@ import deepspeed
 
 from trainer import checkpoint, distributed
 from trainer.checkpoint import ResumeError
-from trainer.config import (ConfigError, batch_plan, load_config, parse_assignment, resolve_ep_size,
+from trainer.config import (ConfigError, batch_plan, load_config, parse_assignment, resolve_ep_size, zero_for_world,
                             with_assignments)
 from trainer.corpus import build_corpus
 from trainer.data import ShardSet, SpeechDataset, describe, tokenizer_sample
@@ -207,6 +207,7 @@ def train(args, ds_config, project) -> int:
     try:  # checked against the world size before anything is written
         plan = batch_plan(project.data, world)
         resolve_ep_size(project.moe, world)
+        zero_for_world(ds_config, project, world)
     except ConfigError as e:
         print(f"config error:\n{e}", file=sys.stderr)
         return 2
