@@ -5,9 +5,10 @@
 
 Top-1 routing, d_model 256, FFN 1024 (the dense FFN and every expert). Rows: DeepSpeed's stock MoE layer
 (``TopKGate`` and its loop over experts, capacity factor 1), this trainer's capacity mode (its gate and the
-grouped expert matmul, capacity factor 1) and its dropless mode. Each variant is timed in interleaved rounds
-(the order rotates), and the figure is the median of the per-round means; the ratio divides by the dense
-FFN's median of the same rounds.
+grouped expert matmul, capacity factor 1) and its dropless mode. Each variant is timed in short interleaved
+rounds (the order rotates); a ratio is the median over rounds of the variant's mean divided by the dense FFN's
+mean in the same round (paired, so a slow spell of the machine cancels), and the dense time is the median of
+its per-round means.
 """
 import argparse
 import os
@@ -28,8 +29,8 @@ def parse_args():
     p.add_argument("--d_model", type=int, default=256)
     p.add_argument("--ffn", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=3, help="timed forward+backward passes per variant per round")
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--steps", type=int, default=2, help="timed forward+backward passes per variant per round")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     return p.parse_args()
@@ -72,7 +73,8 @@ def time_variants(fns: dict, T: int, args) -> dict:
                 torch.cuda.synchronize()
             if r:
                 times[name].append((time.perf_counter() - t0) / args.steps)
-    return {n: statistics.median(t) for n, t in times.items()}
+    ratios = {n: statistics.median(a / b for a, b in zip(t, times["dense"])) for n, t in times.items()}
+    return statistics.median(times["dense"]), ratios
 
 
 def main():
@@ -88,9 +90,9 @@ def main():
     for E in [int(e) for e in args.experts.split(",")]:
         fns = variants(E, args)
         for T in [int(t) for t in args.tokens.split(",")]:
-            ms = time_variants(fns, T, args)
-            print(f"{E:>3} {T:>7} {ms['dense'] * 1000:9.1f} " + " ".join(
-                f"{ms[n] / ms['dense']:>{w}.2f}x" for n, w in (("deepspeed", 9), ("capacity", 8), ("dropless", 8))))
+            dense_s, ratio = time_variants(fns, T, args)
+            print(f"{E:>3} {T:>7} {dense_s * 1000:9.1f} " + " ".join(
+                f"{ratio[n]:>{w}.2f}x" for n, w in (("deepspeed", 9), ("capacity", 8), ("dropless", 8))))
 
 
 if __name__ == "__main__":

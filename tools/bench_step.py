@@ -4,8 +4,10 @@
     deepspeed --num_gpus 2 tools/bench_step.py --ep auto        # expert parallelism over two ranks
 
 Synthetic log-mel batches of fixed shape isolate the model step (forward, backward, optimizer) from data
-loading. Modes are timed in interleaved rounds so that drift of the machine hits all of them alike; the
-figure is the median over rounds of the mean step time in a round, and the order rotates every round.
+loading. Modes are timed in short interleaved rounds (the order rotates every round), so that drift of the
+machine hits all of them alike: a step time is the median over rounds of the mean step in a round, and a ratio
+is the median over rounds of the ratio within a round (paired, so a slow spell of the machine cancels), with the
+quartiles of those per-round ratios beside it.
 """
 import argparse
 import os
@@ -25,8 +27,8 @@ def parse_args():
     p.add_argument("--modes", default="dense,switch,omni")
     p.add_argument("--frames", type=int, default=6000, help="input frames (10 ms) per rank per step")
     p.add_argument("--utt_frames", type=int, default=500, help="frames per utterance")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per mode per round")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per mode per round")
     p.add_argument("--ep", default="auto", help="ep_size ('auto' or an int)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--dropless", action="store_true", help="switch and omni in dropless mode")
@@ -50,6 +52,8 @@ def make_batch(args, n_mels, vocab):
 
 def main():
     args = parse_args()
+    if args.rounds < 2:
+        raise SystemExit("--rounds: at least 2 (the ratios' quartiles need two rounds)")
     single_process_env()
     distributed.init()
     ds, base = load_config(args.config)
@@ -89,10 +93,11 @@ def main():
             spread = (max(times[mode]) - min(times[mode])) * 1000
             n = sum(p.numel() for p in engine.module.parameters())
             print(f"{mode:8} {n:>12,} {ms:9.1f} {spread:10.1f} {frames / ms * 1000:10,.0f}")
-        med = {m: statistics.median(t) for m, t in times.items()}
         for a, b in (("switch", "dense"), ("omni", "dense"), ("omni", "switch")):
-            if a in med and b in med:
-                print(f"{a}/{b} step-time ratio: {med[a] / med[b]:.3f}")
+            if a in times and b in times:
+                ratios = [x / y for x, y in zip(times[a], times[b])]
+                q1, _, q3 = statistics.quantiles(ratios, n=4)
+                print(f"{a}/{b} step-time ratio: {statistics.median(ratios):.3f} (quartiles {q1:.3f}-{q3:.3f})")
 
 
 if __name__ == "__main__":
