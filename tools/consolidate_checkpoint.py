@@ -1,7 +1,7 @@
 """A DeepSpeed MoE checkpoint -> one self-contained model folder, and optionally a re-sharded DeepSpeed checkpoint.
 
     python tools/consolidate_checkpoint.py runs/omni --out models/omni
-    python tools/consolidate_checkpoint.py runs/omni/checkpoints/step1800 --ep_size 8 --to_deepspeed runs/omni-ep8
+    python tools/consolidate_checkpoint.py runs/omni/checkpoints/step2200 --ep_size 8 --to_deepspeed runs/omni-ep8
 
 The source is a run's output folder (its newest verified checkpoint), a ``checkpoints`` folder or one ``stepN``
 folder, written with any ep_size, ZeRO stage 1 or 2, fp32 or bf16. ``--out`` writes model.safetensors (fp32:
