@@ -255,12 +255,12 @@ def zero_for_world(ds: dict, project: ProjectConfig, world: int) -> dict:
     every gradient into a contiguous bucket is skipped (``contiguous_gradients: false`` unless set: a pass over
     all parameters fewer, and MoE has three times dense's). With expert parallelism that setting is refused:
     DeepSpeed 0.19.8's path without contiguous gradients then reduces expert gradients wrongly."""
-    zero = dict(ds.get("zero_optimization", {}))
+    zero, ep_size = dict(ds.get("zero_optimization", {})), resolve_ep_size(project.moe, world)
     if world == 1 and zero.get("stage") == 1:
         zero.setdefault("contiguous_gradients", False)
-    elif zero.get("contiguous_gradients") is False and resolve_ep_size(project.moe, world) > 1:
+    elif zero.get("contiguous_gradients") is False and ep_size > 1:
         raise ConfigError(f"zero_optimization.contiguous_gradients: false is refused with expert parallelism "
-                          f"(ep_size {resolve_ep_size(project.moe, world)}): DeepSpeed 0.19.8 then reduces expert "
+                          f"(ep_size {ep_size}): DeepSpeed 0.19.8 then reduces expert "
                           "gradients wrongly (the global gradient norm of one step on two expert-parallel ranks is "
                           "0.9518 against 0.9486 on one); remove the key: on one rank the trainer turns it off "
                           "by itself")
