@@ -49,6 +49,14 @@ def test_unknown_or_ill_typed_key_is_named(tmp_path, section, key, value, words)
     assert path in str(e.value) and words in str(e.value)
 
 
+def test_phrases_without_a_word_list_are_refused(tmp_path):
+    zero = {"zero_optimization": {"stage": 1}}
+    path = write(tmp_path, {**zero, "omni_router": {"data": {"corpus_text": "phrases"}}})
+    with pytest.raises(ConfigError, match="omni_router.data.*'phrases' needs a word list: set corpus_words"):
+        load_config(path)
+    load_config(write(tmp_path, {**zero, "omni_router": {"data": {"corpus_text": "phrases", "corpus_words": 500}}}))
+
+
 def test_zero_stage_3_with_moe_is_refused_but_allowed_for_dense(tmp_path):
     path = write(tmp_path, {"zero_optimization": {"stage": 3}, "omni_router": {"moe": {"mode": "omni"}}})
     with pytest.raises(ConfigError, match="zero_optimization.stage: 3 is refused with MoE"):

@@ -15,15 +15,17 @@ from trainer.corpus import build_corpus
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--train_sentences", type=int, default=5000)
-    p.add_argument("--words", type=int, default=2000,
-                   help="speak only sentences of the N most frequent words (0: all)")
+    p.add_argument("--train_sentences", type=int, default=8000)
+    p.add_argument("--words", type=int, default=500,
+                   help="speak only texts of the N most frequent words (0: all; phrases need a list)")
+    p.add_argument("--text", choices=("sentences", "phrases"), default="phrases",
+                   help="whole usage examples, or the runs of --words words within them")
     p.add_argument("--seed", type=int, default=1234, help="the trainer's default data.corpus_seed, so it reuses this")
     p.add_argument("--workers", type=int, default=0, help="0: one per core")
     args = p.parse_args(argv)
     try:
-        manifests = build_corpus(args.out, args.train_sentences, args.seed, args.workers, args.words)
-    except FileNotFoundError as e:
+        manifests = build_corpus(args.out, args.train_sentences, args.seed, args.workers, args.words, args.text)
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for split, path in manifests.items():

@@ -121,6 +121,9 @@ class DataConfig(_Strict):
                                                "run.seed: runs of every seed share one corpus)")
     corpus_words: int = Field(
         0, description="the embedded corpus speaks only sentences of WordNet's N most frequent example words (0: all)")
+    corpus_text: Literal["sentences", "phrases"] = Field(
+        "sentences", description="whole WordNet usage examples, or the runs of corpus_words words within them "
+                                 "(many more texts of one word list; needs corpus_words)")
     vocab_size: int = Field(256, description="sentencepiece pieces (the CTC blank comes on top)")
     tokenizer_sentences: int = Field(
         200000, description="most training texts the tokenizer is trained on (a seeded sample; shards: whole "
@@ -136,6 +139,12 @@ class DataConfig(_Strict):
     global_cmvn: str = Field("", description="statistics file of tools/compute_cmvn.py; empty: per utterance")
     specaugment: SpecAugmentConfig = Field(SpecAugmentConfig(), description="masks on training features")
     speed_perturb: list[float] = Field([], description="speed factors drawn per utterance, e.g. [0.9, 1.0, 1.1]")
+
+    @model_validator(mode="after")
+    def _phrases_need_words(self):
+        if self.corpus_text == "phrases" and self.corpus_words <= 0:
+            raise ValueError("corpus_text 'phrases' needs a word list: set corpus_words (e.g. 1000)")
+        return self
 
 
 class RunConfig(_Strict):

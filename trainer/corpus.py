@@ -4,12 +4,16 @@ Training voices (espeak-ng accents and variants, flite kal16/awb/rms, festival k
 usage examples, split train/dev/test by a hash of their normalised text, so no sentence is in two splits. A
 fourth split, ``test_ood``, is held out twice over: other voices (flite slt, espeak-ng's Scottish and
 Caribbean accents) speaking another text source (WordNet's glosses). With a word list (the N most frequent
-words of the usage examples), every split speaks only sentences made of those words: spelling can then be
-learnt from a few thousand sentences, and errors measure hearing rather than orthography. Voice, speed and
-pitch are drawn from the seed and the sentence, so a rebuild is the same. Written as 16 kHz FLAC plus
+words of the usage examples), every split speaks only texts made of those words: spelling can then be
+learnt from a few thousand sentences, and errors measure hearing rather than orthography. The texts are
+whole usage examples or, many more of them, the phrases of listed words within the examples
+(``wordnet_phrases``). Voice, speed and pitch are drawn from the seed and the text, and every task of the
+build runs in a fresh process, so a rebuild is the same audio. Written as 16 kHz FLAC plus
 NeMo-style JSON-lines manifests, built in a temporary folder and renamed into place (one builder at a time,
 under a file lock): an interrupted build leaves no half corpus.
 """
+import ctypes
+import ctypes.util
 import fcntl
 import hashlib
 import json
@@ -23,22 +27,24 @@ import tempfile
 from multiprocessing import Pool
 from pathlib import Path
 
+import numpy as np
 import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from trainer.audio import SAMPLE_RATE, load_audio
+from trainer.audio import SAMPLE_RATE, load_audio, resample
 from trainer.text import normalize
 
 WORDNET = Path("/usr/share/wordnet")
-VERSION = 2
-# (engine, voice, share of utterances). festival starts slowly (0.5 s a call) and flite's awb and rms take
-# 90 ms a sentence against 20-40 ms for the others, so they speak smaller shares.
+VERSION = 3  # 3: espeak-ng through its library, festival a process per task
+# (engine, voice, share of utterances). festival starts slowly (0.5 s a process) and flite's awb and rms take
+# 90 ms a sentence against 3-30 ms for the others, so they speak smaller shares.
 TRAIN_VOICES = [("espeak-ng", f"{accent}+{variant}", 0.77 / 12) for accent in ("en-us", "en-gb", "en-gb-x-rp")
                 for variant in ("m1", "m3", "f2", "f4")] + \
                [("flite", "kal16", 0.1), ("flite", "awb", 0.05), ("flite", "rms", 0.05),
                 ("festival", "voice_kal_diphone", 0.03)]
 HELD_OUT_VOICES = [("flite", "slt", 0.5), ("espeak-ng", "en-gb-scotland+m2", 0.25), ("espeak-ng", "en-029+f3", 0.25)]
+ESPEAK_LIBRARY = "libespeak-ng.so.1"  # Debian's libespeak-ng1, which espeak-ng depends on
 ENGINE_PACKAGES = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "festival festvox-kallpc16k"}
 SPLITS = ("train", "dev", "test", "test_ood")
 _CLEAN = re.compile(r"^[A-Za-z][A-Za-z ,.;:'?!]*$")
@@ -47,32 +53,64 @@ _CLEAN = re.compile(r"^[A-Za-z][A-Za-z ,.;:'?!]*$")
 def wordnet_sentences(kind: str = "examples", min_words: int = 3, max_words: int = 10) -> list[str]:
     """WordNet's quoted usage examples, or its glosses (definitions), that are plain words only:
     no digits, symbols or abbreviations, so the transcript is exactly what is spoken."""
+    seen, out = set(), []
+    for text in _wordnet_texts(kind):
+        if not _CLEAN.match(text) or re.search(r"\b[A-Z]{2,}\b", text):
+            continue
+        norm = normalize(text)
+        if min_words <= len(norm.split()) <= max_words and norm not in seen:
+            seen.add(norm)
+            out.append(norm)
+    return out
+
+
+def _wordnet_texts(kind: str) -> list[str]:
+    """Every quoted usage example, or the first clause of every gloss, as written."""
     if not WORDNET.exists():
         raise FileNotFoundError(f"{WORDNET} not found: install Debian's wordnet-base (apt-get install wordnet-base)")
-    seen, out = set(), []
+    out = []
     for part in ("noun", "verb", "adj", "adv"):
         for line in (WORDNET / f"data.{part}").read_text(errors="replace").splitlines():
-            if "|" not in line:
-                continue
-            gloss = line.split("|", 1)[1]
-            texts = re.findall(r'"([^"]+)"', gloss) if kind == "examples" else [gloss.split(";")[0].strip()]
-            for text in texts:
-                if not _CLEAN.match(text) or re.search(r"\b[A-Z]{2,}\b", text):
-                    continue
-                norm = normalize(text)
-                if min_words <= len(norm.split()) <= max_words and norm not in seen:
-                    seen.add(norm)
-                    out.append(norm)
+            if "|" in line:
+                gloss = line.split("|", 1)[1]
+                out += re.findall(r'"([^"]+)"', gloss) if kind == "examples" else [gloss.split(";")[0].strip()]
     return out
+
+
+def word_list(words: int) -> set[str]:
+    """The ``words`` most frequent words of WordNet's usage examples."""
+    counts = Counter(w for s in wordnet_sentences() for w in s.split())
+    return {w for w, _ in counts.most_common(words)}
 
 
 def within(sentences: list[str], words: int) -> list[str]:
     """The sentences made only of the ``words`` most frequent words of WordNet's usage examples (0: all)."""
     if not words:
         return sentences
-    counts = Counter(w for s in wordnet_sentences() for w in s.split())
-    known = {w for w, _ in counts.most_common(words)}
+    known = word_list(words)
     return [s for s in sentences if all(w in known for w in s.split())]
+
+
+def wordnet_phrases(words: int, min_words: int = 3, max_words: int = 10) -> list[str]:
+    """The longest runs of word-list words in WordNet's usage examples ("the coat of an animal" from "the
+    soft fur of an animal" when "soft" and "fur" are not listed): many more texts than whole sentences
+    of the same words, so each listed word is heard in many contexts and voices. A run ends at
+    punctuation, digits and abbreviations as at an unlisted word; one longer than ``max_words`` is cut."""
+    known, seen, out = word_list(words), set(), []
+    for example in _wordnet_texts("examples"):
+        for clause in re.split(r"[^A-Za-z' -]+|\b[A-Z]{2,}\b", example):
+            run = []
+            for word in normalize(clause).split() + [None]:
+                if word in known:
+                    run.append(word)
+                    continue
+                for i in range(0, len(run), max_words):
+                    text = " ".join(run[i:i + max_words])
+                    if len(run[i:i + max_words]) >= min_words and text not in seen:
+                        seen.add(text)
+                        out.append(text)
+                run = []
+    return out
 
 
 def _digest(text: str) -> int:
@@ -88,61 +126,140 @@ def _pick(voices: list, rng: random.Random) -> tuple:
     return rng.choices(voices, weights=[w for _, _, w in voices])[0][:2]
 
 
-def _speak(engine: str, voice: str, text: str, rng: random.Random, wav: str):
-    if engine == "espeak-ng":
-        cmd = ["espeak-ng", "-v", voice, "-s", str(rng.randint(145, 185)), "-p", str(rng.randint(35, 65)),
-               "-w", wav, text]
-        subprocess.run(cmd, check=True, capture_output=True)
-    elif engine == "flite":
-        cmd = ["flite", "-voice", voice, "--setf", f"duration_stretch={rng.uniform(0.9, 1.15):.2f}", "-t", text,
-               "-o", wav]
-        subprocess.run(cmd, check=True, capture_output=True)
-    else:
-        subprocess.run(["text2wave", "-eval", f"({voice})", "-o", wav], input=text.encode(), check=True,
-                       capture_output=True)
-
-
-def _synthesize(job: tuple) -> dict:
-    """Speak one sentence to FLAC; return its manifest row."""
-    root, name, text, seed, held_out = job
+def _voice_of(text: str, seed: int, held_out: bool) -> tuple:
+    """(engine, voice, speed setting) of a sentence, drawn from the seed and the sentence alone."""
     rng = random.Random(f"{seed}:{text}")
     engine, voice = _pick(HELD_OUT_VOICES if held_out else TRAIN_VOICES, rng)
-    with tempfile.TemporaryDirectory() as tmp:
-        wav = os.path.join(tmp, "u.wav")
-        _speak(engine, voice, text, rng, wav)
-        wave = load_audio(wav).numpy()
-    rel = f"audio/{name}.flac"
-    sf.write(os.path.join(root, rel), wave, SAMPLE_RATE)
-    return {"audio_filepath": rel, "duration": round(len(wave) / SAMPLE_RATE, 3), "text": text,
-            "voice": f"{engine}:{voice}"}
+    if engine == "espeak-ng":
+        return engine, voice, (rng.randint(145, 185), rng.randint(35, 65))  # words a minute, pitch
+    if engine == "flite":
+        return engine, voice, (round(rng.uniform(0.9, 1.15), 2),)  # duration stretch
+    return engine, voice, ()
+
+
+_ESPEAK_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+
+class _EspeakVoice(ctypes.Structure):
+    """speak_lib.h's espeak_VOICE."""
+    _fields_ = [("name", ctypes.c_char_p), ("languages", ctypes.c_char_p), ("identifier", ctypes.c_char_p),
+                ("gender", ctypes.c_ubyte), ("age", ctypes.c_ubyte), ("variant", ctypes.c_ubyte),
+                ("xx1", ctypes.c_ubyte), ("score", ctypes.c_int), ("spare", ctypes.c_void_p)]
+
+
+class _Espeak:
+    """libespeak-ng in this process: the command would start a process and load its voice data for every
+    sentence (30 ms against 3 ms a phrase). A sentence's samples depend on what the library spoke before in
+    the process (a length of +-40 samples, other phase), so each task runs in a fresh process."""
+    lib, rate, chunks = None, 0, []
+
+    @staticmethod
+    @_ESPEAK_CALLBACK
+    def _collect(samples, n, events) -> int:
+        if n > 0:
+            _Espeak.chunks.append(np.ctypeslib.as_array(samples, (n,)).copy())
+        return 0  # go on
+
+    @classmethod
+    def speak(cls, voice: str, text: str, speed: int, pitch: int) -> torch.Tensor:
+        if cls.lib is None:
+            cls.lib = ctypes.CDLL(ESPEAK_LIBRARY)
+            cls.rate = cls.lib.espeak_Initialize(2, 0, None, 0)  # AUDIO_OUTPUT_SYNCHRONOUS: samples to a callback
+            cls.lib.espeak_SetSynthCallback(cls._collect)
+        cls.chunks.clear()
+        # as the espeak-ng command does: a voice name, else a language ("en-gb+f4")
+        if cls.lib.espeak_SetVoiceByName(voice.encode()) != 0 and \
+                cls.lib.espeak_SetVoiceByProperties(ctypes.byref(_EspeakVoice(languages=voice.encode()))) != 0:
+            raise RuntimeError(f"espeak-ng has no voice {voice!r}")
+        cls.lib.espeak_SetParameter(1, speed, 0)  # espeakRATE
+        cls.lib.espeak_SetParameter(3, pitch, 0)  # espeakPITCH
+        data = text.encode()
+        if cls.lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 0x1000, None, None) != 0:  # POS_CHARACTER, ENDPAUSE
+            raise RuntimeError(f"espeak-ng failed to speak {text!r}")
+        cls.lib.espeak_Synchronize()
+        return resample(torch.from_numpy(np.concatenate(cls.chunks).astype(np.float32) / 32768), cls.rate)
+
+
+def _speak_files(engine: str, voice: str, items: list, tmp: str) -> list:
+    """flite or festival: [(text, setting)] -> waves. Festival speaks the whole list in one process (it takes
+    0.5 s to start)."""
+    wavs = [os.path.join(tmp, f"{i}.wav") for i in range(len(items))]
+    if engine == "flite":
+        for (text, (stretch,)), wav in zip(items, wavs):
+            subprocess.run(["flite", "-voice", voice, "--setf", f"duration_stretch={stretch:.2f}", "-t", text,
+                            "-o", wav], check=True, capture_output=True)
+    else:
+        script = os.path.join(tmp, "speak.scm")
+        with open(script, "w") as f:
+            f.write(f"({voice})\n" + "".join(f'(utt.save.wave (SynthText "{text}") "{wav}" \'riff)\n'
+                                              for (text, _), wav in zip(items, wavs)))
+        subprocess.run(["festival", "-b", script], check=True, capture_output=True)
+    return [load_audio(wav) for wav in wavs]
+
+
+def _synthesize(task: tuple) -> list:
+    """Speak sentences of one engine and voice to FLAC; return their manifest rows."""
+    root, engine, voice, jobs = task  # jobs: [(name, text, setting)]
+    if engine == "espeak-ng":
+        waves = [_Espeak.speak(voice, text, *setting) for _, text, setting in jobs]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            waves = _speak_files(engine, voice, [(text, setting) for _, text, setting in jobs], tmp)
+    rows = []
+    for (name, text, _), wave in zip(jobs, waves):
+        rel = f"audio/{name}.flac"
+        sf.write(os.path.join(root, rel), wave.numpy(), SAMPLE_RATE)
+        rows.append({"audio_filepath": rel, "duration": round(len(wave) / SAMPLE_RATE, 3), "text": text,
+                     "voice": f"{engine}:{voice}"})
+    return rows
+
+
+def _tasks(root: str, chosen: dict, seed: int, size: int = 48) -> list:
+    """The sentences grouped by voice, in tasks of ``size`` (festival's in two halves: one per core)."""
+    by_voice = {}
+    for split in SPLITS:
+        for i, text in enumerate(chosen[split]):
+            engine, voice, setting = _voice_of(text, seed, split == "test_ood")
+            by_voice.setdefault((engine, voice), []).append((f"{split}-{i:06d}", text, setting))
+    tasks = []
+    for (engine, voice), jobs in by_voice.items():
+        step = -(-len(jobs) // 2) if engine == "festival" else size
+        tasks += [(root, engine, voice, jobs[i:i + step]) for i in range(0, len(jobs), step)]
+    return tasks
 
 
 def check_engines():
-    missing = [pkg for exe, pkg in ENGINE_PACKAGES.items() if shutil.which("text2wave" if exe == "festival" else exe)
-               is None]
+    found = {"espeak-ng": ctypes.util.find_library("espeak-ng"), "flite": shutil.which("flite"),
+             "festival": shutil.which("festival")}
+    missing = [ENGINE_PACKAGES[engine] for engine, path in found.items() if path is None]
     if missing:
         raise FileNotFoundError(f"speech engines missing: apt-get install {' '.join(missing)}")
 
 
-def build_corpus(out_dir: str, train_sentences: int, seed: int = 0, workers: int = 0, words: int = 0) -> dict:
-    """Build (or reuse, if the same recipe is there) the corpus; return {split: manifest path}."""
+def build_corpus(out_dir: str, train_sentences: int, seed: int = 0, workers: int = 0, words: int = 0,
+                 text: str = "sentences") -> dict:
+    """Build (or reuse, if the same recipe is there) the corpus; return {split: manifest path}.
+    ``text``: "sentences" (whole usage examples) or "phrases" (``wordnet_phrases``, needs ``words``)."""
+    if text == "phrases" and words <= 0:
+        raise ValueError("phrases are runs of a word list's words: give a word list (words > 0)")
     out = Path(out_dir).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_name(out.name + ".lock"), "w") as lock:  # one builder at a time; others then reuse
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _build(out, train_sentences, seed, workers, words)
+        return _build(out, train_sentences, seed, workers, words, text)
 
 
-def _build(out: Path, train_sentences: int, seed: int, workers: int, words: int) -> dict:
-    recipe = {"version": VERSION, "train_sentences": train_sentences, "seed": seed, "words": words}
+def _build(out: Path, train_sentences: int, seed: int, workers: int, words: int, text: str) -> dict:
+    recipe = {"version": VERSION, "train_sentences": train_sentences, "seed": seed, "words": words, "text": text}
     manifests = {s: str(out / f"{s}.jsonl") for s in SPLITS}
     stamp = out / "corpus.json"
     if stamp.exists() and json.loads(stamp.read_text()) == recipe:
         return manifests
     check_engines()
     by_split = {s: [] for s in SPLITS}
-    for text in sorted(within(wordnet_sentences(), words), key=_digest):
-        by_split[split_of(text)].append(text)
+    texts = wordnet_phrases(words) if text == "phrases" else within(wordnet_sentences(), words)
+    for sentence in sorted(texts, key=_digest):
+        by_split[split_of(sentence)].append(sentence)
     held = max(50, train_sentences // 15)
     examples = set(by_split["train"] + by_split["dev"] + by_split["test"])
     glosses = [t for t in sorted(within(wordnet_sentences("glosses"), words), key=_digest) if t not in examples]
@@ -151,17 +268,19 @@ def _build(out: Path, train_sentences: int, seed: int, workers: int, words: int)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "audio").mkdir(parents=True)
-    jobs = [(str(tmp), f"{split}-{i:06d}", text, seed, split == "test_ood")
-            for split in SPLITS for i, text in enumerate(chosen[split])]
-    # One torch thread per worker: the pool already uses every core, and oversubscription costs 4x.
-    with Pool(workers or os.cpu_count(), initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        rows = list(tqdm(pool.imap(_synthesize, jobs, chunksize=8), total=len(jobs), desc="synthesising corpus",
-                         mininterval=5))
+    tasks = _tasks(str(tmp), chosen, seed)
+    tasks.sort(key=lambda t: t[1] != "festival")  # the longest tasks first, so no core idles at the end
+    rows = {}
+    # One torch thread per worker: the pool already uses every core, and oversubscription costs 4x. A fresh
+    # worker per task: a rebuild is the same whichever worker takes which task (see _Espeak).
+    pool = Pool(workers or os.cpu_count(), initializer=torch.set_num_threads, initargs=(1,), maxtasksperchild=1)
+    with pool, tqdm(total=sum(len(t[3]) for t in tasks), desc="synthesising corpus", mininterval=5) as bar:
+        for done in pool.imap_unordered(_synthesize, tasks):
+            rows.update((row["audio_filepath"], row) for row in done)
+            bar.update(len(done))
     for split in SPLITS:
         with open(tmp / f"{split}.jsonl", "w") as f:
-            for job, row in zip(jobs, rows):
-                if job[1].startswith(split + "-"):
-                    f.write(json.dumps(row) + "\n")
+            f.writelines(json.dumps(rows[f"audio/{split}-{i:06d}.flac"]) + "\n" for i in range(len(chosen[split])))
     (tmp / "corpus.json").write_text(json.dumps(recipe))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -147,7 +147,7 @@ def prepare_data(project):
     train_m, dev_m = list(data.train_manifests), list(data.dev_manifests)
     if not (train_m or data.train_hf or data.train_cuts or data.train_shards):
         on_rank0(lambda: build_corpus(data.corpus_dir, data.corpus_sentences, seed=data.corpus_seed,
-                                      words=data.corpus_words))
+                                      words=data.corpus_words, text=data.corpus_text))
         corpus = Path(data.corpus_dir).expanduser()
         train_m = [str(corpus / "train.jsonl")]
         dev_m = dev_m or ([] if data.dev_hf or data.dev_cuts or data.dev_shards else [str(corpus / "dev.jsonl")])
