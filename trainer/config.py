@@ -120,7 +120,7 @@ class DataConfig(_Strict):
     corpus_seed: int = Field(1234, description="the embedded corpus's draw of voices, speeds and pitches (not "
                                                "run.seed: runs of every seed share one corpus)")
     corpus_words: int = Field(
-        0, description="the embedded corpus speaks only sentences of WordNet's N most frequent example words (0: all)")
+        0, description="the embedded corpus speaks only texts made of WordNet's N most frequent example words (0: all)")
     corpus_text: Literal["sentences", "phrases"] = Field(
         "sentences", description="whole WordNet usage examples, or the runs of corpus_words words within them "
                                  "(many more texts of one word list; needs corpus_words)")

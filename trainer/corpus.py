@@ -92,10 +92,11 @@ def within(sentences: list[str], words: int) -> list[str]:
 
 
 def wordnet_phrases(words: int, min_words: int = 3, max_words: int = 10) -> list[str]:
-    """The longest runs of word-list words in WordNet's usage examples ("the coat of an animal" from "the
-    soft fur of an animal" when "soft" and "fur" are not listed): many more texts than whole sentences
-    of the same words, so each listed word is heard in many contexts and voices. A run ends at
-    punctuation, digits and abbreviations as at an unlisted word; one longer than ``max_words`` is cut."""
+    """The longest runs of word-list words in WordNet's usage examples ("he took the family for a" and "in
+    his new car" from "he took the family for a drive in his new car" when "drive" is not listed): many more
+    texts than whole sentences of the same words, so each listed word is heard in many contexts and voices. A
+    run ends at punctuation, digits and abbreviations as at an unlisted word; one longer than ``max_words``
+    is cut."""
     known, seen, out = word_list(words), set(), []
     for example in _wordnet_texts("examples"):
         for clause in re.split(r"[^A-Za-z' -]+|\b[A-Z]{2,}\b", example):
