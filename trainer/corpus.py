@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 from collections import Counter
+from functools import lru_cache
 import tempfile
 from multiprocessing import Pool
 from pathlib import Path
@@ -77,10 +78,12 @@ def _wordnet_texts(kind: str) -> list[str]:
     return out
 
 
-def word_list(words: int) -> set[str]:
-    """The ``words`` most frequent words of WordNet's usage examples."""
+@lru_cache(maxsize=4)
+def word_list(words: int) -> frozenset[str]:
+    """The ``words`` most frequent words of WordNet's usage examples (once per process: a build asks for it
+    for the phrases and again for test_ood's glosses)."""
     counts = Counter(w for s in wordnet_sentences() for w in s.split())
-    return {w for w, _ in counts.most_common(words)}
+    return frozenset(w for w, _ in counts.most_common(words))
 
 
 def within(sentences: list[str], words: int) -> list[str]:
