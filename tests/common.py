@@ -80,6 +80,6 @@ def run_tool(*args, timeout=600):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def launch(config, corpus, out, ranks=1, extra=(), timeout=600):
+def launch(config, corpus, out, ranks=1, extra=(), timeout=600, env=None):
     return subprocess.run(command(config, corpus, out, ranks, extra), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)

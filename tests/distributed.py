@@ -16,9 +16,8 @@ def _entry(rank, fn, world, port, out_dir, args):
     from trainer import distributed
     distributed.init()
     torch.save(fn(*args), os.path.join(out_dir, f"rank{rank}.pt"))
-    import torch.distributed as dist
-    dist.barrier()
-    dist.destroy_process_group()
+    distributed.barrier()
+    distributed.end_process(0)  # as the trainer's ranks do: finalization with gloo's threads alive can abort
 
 
 def run_ranks(fn, world: int, *args, deadline_s: float = 300.0) -> list:

@@ -1,5 +1,6 @@
 """The main job through the real deepspeed launcher, on a small slice of the embedded corpus."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -64,6 +65,24 @@ def test_bad_config_fails_before_any_work(tmp_path, corpus):
     assert proc.returncode != 0
     assert "zero_optimization.stage: 3 is refused with MoE" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_rank_ends_without_interpreter_finalization(tmp_path, corpus):
+    """Interpreter finalization can abort a rank whose run ended well (gloo's threads outlive
+    ``destroy_process_group``; pytorch#179291). A rank's process ends with its status before it: an exit hook
+    planted in every rank that would abort the process does not run, and the rank's own status comes out."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import atexit, os\nif 'LOCAL_RANK' in os.environ:\n"
+                                           "    atexit.register(os.abort)\n")
+    bad = tmp_path / "bad.json"
+    cfg = json.loads(Path(tiny_config(tmp_path)).read_text())
+    cfg["zero_optimization"]["stage"] = 3  # refused after the process group is joined
+    bad.write_text(json.dumps(cfg))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    proc = launch(str(bad), corpus, tmp_path / "run", env=env)
+    assert "zero_optimization.stage: 3 is refused with MoE" in proc.stderr
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def shard_flags(corpus, folder) -> list:

@@ -39,7 +39,7 @@ LONG = 400  # max_steps of a run that is stopped on purpose
 # takes as long as we like, so a fault can land inside it.
 SLOW_SAVE = """import os, sys, time
 sys.path.insert(0, {root!r})
-from trainer import checkpoint, run
+from trainer import checkpoint, distributed, run
 publish, calls = checkpoint.publish, []
 def slow(*args):
     calls.append(1)
@@ -47,7 +47,7 @@ def slow(*args):
         time.sleep(float(os.environ["DRILL_SAVE_S"]))
     publish(*args)
 checkpoint.publish = slow
-sys.exit(run.main())
+distributed.end_process(run.main())
 """
 
 

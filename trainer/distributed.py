@@ -13,6 +13,7 @@ Nothing else in the package calls ``torch.distributed`` directly; DeepSpeed's en
 """
 import os
 import re
+import sys
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Callable, Optional
@@ -40,11 +41,17 @@ def init(timeout_s: float = 300.0) -> tuple[int, int]:
 _timeout_s = [300.0]  # the run's collective timeout, given at init
 
 
-def shutdown():
-    """Destroy the process groups while the interpreter is whole. Left to interpreter exit, gloo's worker
-    threads can abort the process (SIGABRT, "terminate called without an active exception"; pytorch#190489)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def end_process(code: int):
+    """End this rank's process with ``code`` without interpreter finalization (``os._exit``, after flushing).
+
+    ``destroy_process_group`` leaves gloo's transport threads and the TCPStore thread running: DeepSpeed's group
+    registry still holds the groups (8 ``pt_gloo_runloop`` threads per rank after it, on two ranks). They were
+    torn down in interpreter finalization, where a C++ thread that needs the GIL aborts the process (SIGABRT,
+    "terminate called without an active exception"; pytorch#179291): rarely, after a run that had ended well.
+    Nothing is left to finalize: checkpoints and metrics are written and closed by then."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def apply_timeout(seconds: Optional[float] = None):

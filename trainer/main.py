@@ -8,13 +8,14 @@ import os
 import sys
 
 
-def _main() -> int:
+def _main():
     here = os.path.dirname(os.path.abspath(__file__))
     if sys.path and os.path.abspath(sys.path[0]) == here:
         sys.path[0] = os.path.dirname(here)
+    from trainer import distributed
     from trainer.run import main
-    return main()
+    distributed.end_process(main())
 
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    _main()

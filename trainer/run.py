@@ -196,9 +196,7 @@ def main(argv=None) -> int:
         print(f"config error:\n{e}", file=sys.stderr)
         return 2
     distributed.init(project.run.collective_timeout_s)
-    code = train(args, ds_config, project)  # every rank returns here, in step with the others or alone
-    distributed.shutdown()
-    return code
+    return train(args, ds_config, project)  # every rank returns here, in step with the others or alone
 
 
 def train(args, ds_config, project) -> int:
@@ -257,4 +255,4 @@ def train(args, ds_config, project) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distributed.end_process(main())
