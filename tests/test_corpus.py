@@ -3,7 +3,11 @@ import hashlib
 import json
 from pathlib import Path
 
-from trainer.corpus import SPLITS, build_corpus, wordnet_phrases, wordnet_sentences, within, word_list
+import torch
+
+from trainer.audio import SAMPLE_RATE, load_audio
+from trainer.corpus import (EDGE_S, SPLITS, build_corpus, trim_silence, wordnet_phrases, wordnet_sentences, within,
+                           word_list)
 
 
 def test_phrases_are_runs_of_listed_words_and_outnumber_whole_sentences():
@@ -31,8 +35,32 @@ def test_a_phrase_corpus_puts_no_text_in_two_splits_its_test_ood_apart_and_a_reb
     assert json.loads((tmp_path / "c" / "corpus.json").read_text())["text"] == "phrases"
     # every engine in the draw, and a second build (other workers, other order of tasks) is the same audio
     assert {v.split(":")[0] for v in voices["train"]} == {"espeak-ng", "flite", "festival"}
+    # no engine's lead-in or end pause beyond EDGE_S (a 10 ms frame of slack)
+    edges = [silent_edges(Path(manifests[s]).parent / json.loads(line)["audio_filepath"])
+             for s in SPLITS for line in open(manifests[s])]
+    assert max(max(e) for e in edges) <= EDGE_S + 0.01
     again = build_corpus(str(tmp_path / "again"), 40, seed=1234, words=300, text="phrases", workers=1)
     assert [digests(manifests[s]) for s in SPLITS] == [digests(again[s]) for s in SPLITS]
+
+
+def test_trim_silence_keeps_the_sound_and_a_margin_either_side():
+    t = torch.arange(int(0.4 * SAMPLE_RATE)) / SAMPLE_RATE
+    tone = 0.5 * torch.sin(2 * torch.pi * 220 * t)
+    hiss = 1e-4 * torch.randn(int(0.5 * SAMPLE_RATE), generator=torch.Generator().manual_seed(0))
+    wave = torch.cat([hiss, tone, hiss[:int(0.3 * SAMPLE_RATE)]])
+    trimmed = trim_silence(wave, keep_s=0.1)
+    start = int(0.4 * SAMPLE_RATE)  # 0.5 s of hiss, less the 0.1 s kept
+    assert torch.equal(trimmed, wave[start:start + int(0.6 * SAMPLE_RATE)])
+    assert torch.equal(trim_silence(tone), tone)  # nothing to cut
+
+
+def silent_edges(path) -> tuple:
+    """Seconds of silence (10 ms frames 40 dB under the loudest) before the first and after the last sound."""
+    wave = load_audio(path)
+    frames = wave[:len(wave) // 160 * 160].reshape(-1, 160)
+    level = 10 * torch.log10(frames.pow(2).mean(1) + 1e-10)
+    sounding = torch.nonzero(level > level.max() - 40).squeeze(1)
+    return int(sounding[0]) / 100, (len(frames) - 1 - int(sounding[-1])) / 100
 
 
 def digests(manifest: str) -> list:
