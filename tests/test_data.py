@@ -307,13 +307,22 @@ def test_specaugment_on_training_sets_only_and_a_function_of_seed_epoch_utteranc
     utts, _ = read_manifest(str(corpus / "dev.jsonl"), 20.0)
     train, dev = (SpeechDataset(utts[:2], tokenizer, DataConfig(), 80, train=t, seed=5) for t in (True, False))
     assert torch.equal(dev[0][0], dev[0][0])
-    state = torch.get_rng_state()
+    state, gpu_seed = torch.get_rng_state(), queued_gpu_seed()
     masked = train[0][0]
     assert torch.equal(torch.get_rng_state(), state)  # dropout's stream is not consumed
+    assert queued_gpu_seed() == gpu_seed  # nor the GPUs' streams reseeded (fork_rng(devices=[]) restores the CPU's)
     assert not torch.equal(masked, dev[0][0]) and (masked == 0).all(dim=0).any()
     assert torch.equal(masked, train[0][0])
     train.epoch = 1
     assert not torch.equal(masked, train[0][0])
+    plain = SpeechDataset(utts[:2], tokenizer, DataConfig(specaugment={"freq_masks": 0, "time_masks": 0}), 80, True)
+    assert torch.equal(plain[0][0], dev[0][0])
+
+
+def queued_gpu_seed():
+    """The seed torch gives the GPUs' generators when CUDA starts: on a machine where it has not started,
+    torch.manual_seed queues its GPU half here (and formats a stack trace for it, at every call)."""
+    return torch.cuda._lazy_seed_tracker.get_calls()
 
 
 def test_speed_perturbation_and_global_cmvn_tool(tmp_path, tokenizer):

@@ -36,7 +36,8 @@ class SpeechDataset(Dataset):
         self.utts, self.shards, self.tokenizer, self.n_mels = utts, shards, tokenizer, n_mels
         self.seed, self.epoch = seed, 0  # augmentation is a function of (seed, epoch, utterance) alone
         self.normalize = Normalizer(data.global_cmvn)
-        self.augment = SpecAugment(data.specaugment) if train else None
+        masks = data.specaugment.freq_masks + data.specaugment.time_masks
+        self.augment = SpecAugment(data.specaugment) if train and masks else None
         self.speeds = list(data.speed_perturb) if train else []
         self.cache = {} if data.cache_features and not self.speeds else None
 
@@ -59,9 +60,11 @@ class SpeechDataset(Dataset):
         if self.cache is not None:
             self.cache[i] = feats
         if self.augment is not None:
-            # Its own seed, not the global stream: the same masks whatever the worker count or a resume.
+            # Its own seed, not the global stream: the same masks whatever the worker count or a resume. Only the
+            # CPU generator is seeded (and restored): torch.manual_seed would also reseed every GPU's generator,
+            # which fork_rng(devices=[]) does not restore, and on a CPU machine it formats a stack trace per call.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+                torch.default_generator.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
                 feats = self.augment(feats)
         return feats, torch.tensor(self.tokenizer.encode(utt.text), dtype=torch.long), i
 
