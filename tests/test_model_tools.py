@@ -96,8 +96,9 @@ def test_analyze_routing_writes_usage_dependency_and_an_utterance_map(models, co
         assert all(0 <= v <= 1 + 1e-9 for row in m for v in row)
         assert m[0][1] == pytest.approx(m[1][0])
     duration = manifest_rows(corpus / "dev.jsonl")[2]["duration"]
-    choices = summary["utterance"]["choices"]
-    assert len(choices) == 2 and abs(len(choices[0]) - duration * 100 / 4) <= 1
+    stack = json.loads((models[mode] / "config.json").read_text())["project_config"]["model"]["frame_stacking"]
+    choices = summary["utterance"]["choices"]  # one per encoder frame: 10 ms x frame_stacking
+    assert len(choices) == 2 and abs(len(choices[0]) - duration * 100 / stack) <= 1
     for png in ("dependency.png", "utterance.png"):
         assert (out / png).read_bytes()[:8] == PNG
 
