@@ -83,3 +83,9 @@ def run_tool(*args, timeout=600):
 def launch(config, corpus, out, ranks=1, extra=(), timeout=600, env=None):
     return subprocess.run(command(config, corpus, out, ranks, extra), cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def queued_gpu_seed():
+    """The seed torch gives the GPUs' generators when CUDA starts: on a machine where it has not started,
+    torch.manual_seed queues its GPU half here (and formats a stack trace for it, at every call)."""
+    return torch.cuda._lazy_seed_tracker.get_calls()

@@ -9,6 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from tests.common import queued_gpu_seed
 from tools.make_cuts import make_cuts
 from tools.make_shards import make_shards
 from tools.prepare_librispeech import main as prepare_librispeech
@@ -317,12 +318,6 @@ def test_specaugment_on_training_sets_only_and_a_function_of_seed_epoch_utteranc
     assert not torch.equal(masked, train[0][0])
     plain = SpeechDataset(utts[:2], tokenizer, DataConfig(specaugment={"freq_masks": 0, "time_masks": 0}), 80, True)
     assert torch.equal(plain[0][0], dev[0][0])
-
-
-def queued_gpu_seed():
-    """The seed torch gives the GPUs' generators when CUDA starts: on a machine where it has not started,
-    torch.manual_seed queues its GPU half here (and formats a stack trace for it, at every call)."""
-    return torch.cuda._lazy_seed_tracker.get_calls()
 
 
 def test_speed_perturbation_and_global_cmvn_tool(tmp_path, tokenizer):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tests.common import VOCAB, batch, fill_weights, tiny_project, union
+from tests.common import VOCAB, batch, fill_weights, queued_gpu_seed, tiny_project, union
 from trainer import objective
 from trainer.deepspeed_contract import local_experts
 from trainer.model import CTCModel, cape_positions
@@ -94,7 +94,9 @@ def test_experts_start_apart_and_the_same_whatever_the_ep_size():
     models = []
     for ep_size, ep_rank in ((1, 0), (2, 0), (2, 1)):
         torch.manual_seed(5)  # as build_model does on every rank
+        gpu_seed = queued_gpu_seed()
         models.append(CTCModel(p.model, p.moe, VOCAB, ep_size=ep_size, ep_rank=ep_rank, seed=5))
+        assert queued_gpu_seed() == gpu_seed  # expert initialisation does not reseed the GPUs' streams
     one, halves = models[0], models[1:]
     for block in range(p.model.num_layers):
         experts = [e.state_dict() for e in experts_of(one, block)]

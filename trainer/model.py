@@ -71,8 +71,8 @@ class MoEFeedForward(nn.Module):
         local = local_experts(self.moe)
         for j, expert in enumerate(local):
             seed = zlib.crc32(f"{init_key}:expert{ep_rank * len(local) + j}".encode())
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with torch.random.fork_rng(devices=[]):  # the CPU generator alone: GPUs' streams stay untouched
+                torch.default_generator.manual_seed(seed)
                 for layer in expert:
                     if isinstance(layer, nn.Linear):
                         layer.reset_parameters()
