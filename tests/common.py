@@ -10,6 +10,7 @@ import torch
 from tools.fault_drill import free_port, tiny_config
 
 from trainer.config import DataConfig, ModelConfig, MoEConfig, ProjectConfig
+from trainer.experts import PER_EXPERT_KEYS
 
 __all__ = ["tiny_config"]  # the tests' tiny run config is the fault drill's
 VOCAB = 20
@@ -34,18 +35,29 @@ def ds_dict(stage=1, lr=1e-3) -> dict:
             "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
 
 
-def global_name(name: str, ep_rank: int, n_local: int) -> str:
-    """A parameter's name as a one-rank model would call it: local expert j on rank r is global r*n+j."""
-    return re.sub(r"deepspeed_experts\.(\d+)\.", lambda m: f"deepspeed_experts.{ep_rank * n_local + int(m[1])}.",
-                  name)
+def per_expert(named: dict, ep_rank: int = 0, n_local: int = 0) -> dict:
+    """{name: tensor} with each stacked expert tensor (``...experts.w1`` [n, ...]) split into views under
+    DeepSpeed's per-expert names and *global* ids, as a one-rank model names them: local expert j on ep rank r
+    is global r * n_local + j."""
+    out = {}
+    for name, t in named.items():
+        m = re.fullmatch(r"(.*\.experts\.)(w1|b1|w2|b2)", name)
+        if not m:
+            out[name] = t
+            continue
+        for j in range(t.shape[0]):
+            out[f"{m[1]}deepspeed_experts.{ep_rank * n_local + j}.{PER_EXPERT_KEYS[m[2]]}"] = t[j]
+    return out
 
 
 def fill_weights(model, ep_rank=0, n_local=None):
-    """Give every parameter values drawn from its global name, so experts differ and every layout agrees."""
+    """Give every parameter (every expert's slice) values drawn from its global name, so experts differ and
+    every layout agrees."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            g = torch.Generator().manual_seed(zlib.crc32(global_name(name, ep_rank, n_local or 0).encode()))
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            for global_name, view in per_expert({name: p}, ep_rank, n_local or 0).items():
+                g = torch.Generator().manual_seed(zlib.crc32(global_name.encode()))
+                view.copy_(torch.randn(view.shape, generator=g) * 0.3)
 
 
 def batch(seed: int, n_mels=8, lengths=(13, 10, 7)) -> dict:

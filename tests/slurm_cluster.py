@@ -2,8 +2,9 @@
 
 Debian's slurmd is built with MULTIPLE_SLURMD, so several daemons (``-N node1``, ``-N node2``) run on one host,
 each on its own port. Nothing goes through systemd or /etc: clients find the cluster through SLURM_CONF, and
-every daemon started here is stopped by the PID it wrote. Each node has one fake GPU (a /dev/null clone) so
-that GPU sbatch flags are accepted; the code under test runs on the CPU.
+every daemon started here is stopped by the PID it wrote. Each node has two fake GPUs (/dev/null clones) so
+that GPU sbatch flags are accepted and set CUDA_VISIBLE_DEVICES; the code under test runs on the CPU. Jobs of
+the "urgent" partition preempt those of the default one ("debug"), as on a site with preemption.
 
     python -m tests.slurm_cluster up|down      # by hand, for debugging
 """
@@ -19,6 +20,8 @@ from pathlib import Path
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 NODES = ["node1", "node2"]
 MUNGE_PID = Path("/run/munge/munged.pid")
+GPUS = 2  # fake GPUs per node
+GRACE_S = 60  # preemption grace time of the debug partition
 
 
 class Cluster:
@@ -47,17 +50,18 @@ class Cluster:
     def write_config(self):
         for sub in ("etc", "run", "state", "log", "dev", *(f"spool/{n}" for n in NODES)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        gpu = self.root / "dev" / "nvidia0"
-        if not gpu.exists():
-            os.mknod(gpu, 0o666 | 0o020000, os.makedev(1, 3))  # a character device like /dev/null
+        for i in range(GPUS):
+            gpu = self.root / "dev" / f"nvidia{i}"
+            if not gpu.exists():
+                os.mknod(gpu, 0o666 | 0o020000, os.makedev(1, 3))  # a character device like /dev/null
         host, r = socket.gethostname().split(".")[0], self.root
         lines = [
             "ClusterName=omnitest", f"SlurmctldHost={host}(127.0.0.1)", f"SlurmctldPort={self.port}",
             "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge", "CredType=cred/munge",
-            "AuthInfo=cred_expire=10",  # a requeued job may start again after 10 s (default 120)
+            "AuthInfo=cred_expire=5",  # a requeued job may start again after 6 s (default 120)
             "MpiDefault=none", "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "SchedulerType=sched/backfill",
-            "SchedulerParameters=batch_sched_delay=0", "AccountingStorageType=accounting_storage/none",
+            "SchedulerParameters=batch_sched_delay=0,sched_interval=1", "AccountingStorageType=accounting_storage/none",
             "JobAcctGatherType=jobacct_gather/none", "MailProg=/bin/true", "ReturnToService=2",
             "EnforcePartLimits=ALL", "MinJobAge=5", "KillWait=5", "JobCompType=jobcomp/filetxt",
             f"JobCompLoc={r}/log/jobcomp.txt", "SlurmdParameters=config_overrides", "GresTypes=gpu",
@@ -68,10 +72,16 @@ class Cluster:
         for i, node in enumerate(NODES, 1):
             lines.append(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={self.port + i} "
                          f"CPUs={self.cpus} Boards=1 SocketsPerBoard=1 CoresPerSocket={self.cpus} ThreadsPerCore=1 "
-                         f"RealMemory=8000 Gres=gpu:1 State=UNKNOWN")
-        lines.append(f"PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP")
+                         f"RealMemory=8000 Gres=gpu:{GPUS} State=UNKNOWN")
+        # Preemption as many sites set it up: a job of the "urgent" partition takes the nodes of a "debug" job,
+        # which gets SIGTERM at once and GRACE_S seconds before SLURM requeues it.
+        lines += ["PreemptType=preempt/partition_prio", "PreemptMode=REQUEUE",
+                  f"PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP "
+                  f"PriorityTier=1 GraceTime={GRACE_S}",
+                  f"PartitionName=urgent Nodes={','.join(NODES)} MaxTime=INFINITE State=UP PriorityTier=2 "
+                  "PreemptMode=OFF"]
         self.conf.write_text("\n".join(lines) + "\n")
-        (self.root / "etc" / "gres.conf").write_text(f"Name=gpu File={gpu}\n")
+        (self.root / "etc" / "gres.conf").write_text(f"Name=gpu File={self.root}/dev/nvidia[0-{GPUS - 1}]\n")
 
     # -- use ---------------------------------------------------------------------------------------------
     def run(self, *cmd, check=True, timeout=60) -> subprocess.CompletedProcess:
@@ -86,12 +96,21 @@ class Cluster:
 
     def job_states(self) -> dict:
         """{job id: final state} from the job completion log (finished jobs leave squeue after MinJobAge)."""
+        return {job: states[-1] for job, states in self.job_histories().items()}
+
+    def job_histories(self) -> dict:
+        """{job id: [state of each attempt that ended, oldest first]}, e.g. ["NODE_FAIL", "CANCELLED"]."""
         states = {}
         path = self.root / "log" / "jobcomp.txt"
         for line in path.read_text().splitlines() if path.exists() else []:
             fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
-            states[fields["JobId"]] = fields["JobState"]
+            states.setdefault(fields["JobId"], []).append(fields["JobState"])
         return states
+
+    def job_field(self, job: str, name: str) -> str:
+        """A field of ``scontrol show job`` ('' once the job has left slurmctld)."""
+        out = self.run("scontrol", "show", "job", "-o", job, check=False).stdout
+        return next((f.split("=", 1)[1] for f in out.split() if f.startswith(name + "=")), "")
 
     # -- stop --------------------------------------------------------------------------------------------
     def down(self):

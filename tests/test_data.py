@@ -14,8 +14,8 @@ from tools.make_cuts import make_cuts
 from tools.make_shards import make_shards
 from tools.prepare_librispeech import main as prepare_librispeech
 from trainer.config import DataConfig, HFSource
-from trainer.data import (ShardSet, SpeechDataset, epoch_batches, length_batches, loader, padding_fraction,
-                          shard, tokenizer_sample, train_batches)
+from trainer.data import (STAND_IN_FRAMES, ShardSet, SpeechDataset, epoch_batches, length_batches, loader,
+                          padding_fraction, shard, tokenizer_sample, train_batches)
 from trainer.audio import load_audio
 from trainer.sources import DataError, load_utterance, read_cuts, read_manifest, read_shards, read_sources, tar_index
 from trainer.text import Tokenizer
@@ -68,12 +68,14 @@ def test_bad_rows_are_named_skipped_or_refused_in_strict_mode(tmp_path):
         {"audio_filepath": "gone.wav", "duration": 1.0, "text": "missing"},
         {"audio_filepath": "empty.wav", "duration": 1.0, "text": "empty file"}])
     utts, problems = read_sources([m], [], 20.0, strict=False)
-    assert [u.text for u in utts] == ["fine", "empty file"]  # an empty file exists: caught when decoded
+    assert [u.text for u in utts] == ["fine", "missing", "empty file"]  # audio is checked when it is loaded
     for line, words in [(2, "not JSON"), (3, "missing key 'duration'"), (4, "not positive"), (5, "exceeds"),
-                        (6, "no letter"), (7, "does not exist")]:
+                        (6, "no letter")]:
         assert any(p.startswith(f"{m}:{line}: ") and words in p for p in problems), (line, problems)
+    assert len(problems) == 5
     with pytest.raises(DataError) as e:
         read_sources([m], [], 20.0, strict=True)
+    assert f"{m}:7: audio {tmp_path / 'gone.wav'} does not exist" in str(e.value)
     assert f"{m}:8: audio" in str(e.value) and "7 unusable rows" in str(e.value)
 
 
@@ -104,19 +106,22 @@ def test_audio_with_nan_or_inf_samples_is_bad_audio(tmp_path, tokenizer, capsys)
     assert "m.jsonl:1" in err and "3 samples are NaN or infinite" in err and "m.jsonl:3" in err
 
 
-def test_undecodable_audio_is_skipped_and_an_all_bad_batch_carries_no_loss(tmp_path, tokenizer, capsys):
+@pytest.mark.parametrize("features_on", ["loader", "device"])
+def test_undecodable_audio_is_skipped_and_an_all_bad_batch_carries_no_loss(tmp_path, tokenizer, capsys, features_on):
     sf.write(tmp_path / "ok.flac", tone(), 16000)
     (tmp_path / "trunc.flac").write_bytes((tmp_path / "ok.flac").read_bytes()[:200])
     (tmp_path / "junk.wav").write_bytes(b"RIFF0000WAVEjunk" * 10)
     rows = [{"audio_filepath": n, "duration": 1.0, "text": "hello"} for n in ("ok.flac", "trunc.flac", "junk.wav")]
     utts, _ = read_manifest(write_manifest(tmp_path / "m.jsonl", rows), 20.0)
-    ds = SpeechDataset(utts, tokenizer, DataConfig(), 80, train=True)
+    ds = SpeechDataset(utts, tokenizer, DataConfig(features_on=features_on), 80, train=True)
     batch = ds.collate([ds[0], ds[1], ds[2]])
     assert batch["skipped"] == 2 and batch["weight"].tolist() == [1.0]
     err = capsys.readouterr().err
     assert "m.jsonl:2" in err and "trunc.flac" in err and "m.jsonl:3" in err
-    stand_in = ds.collate([ds[1], ds[2]])
-    assert stand_in["skipped"] == 2 and stand_in["weight"].tolist() == [0.0] and stand_in["feats"].shape[0] == 1
+    stand_in = ds.on_device(ds.collate([ds[1], ds[2]]), "cpu")  # silence of STAND_IN_FRAMES in either mode
+    assert stand_in["skipped"] == 2 and stand_in["weight"].tolist() == [0.0]
+    assert stand_in["feats"].shape == (1, STAND_IN_FRAMES, 80) and stand_in["lengths"].tolist() == [STAND_IN_FRAMES]
+    assert torch.isfinite(stand_in["feats"]).all()
 
 
 def test_hugging_face_saved_audiofolder_and_parquet(tmp_path, tokenizer):
@@ -187,7 +192,7 @@ def test_bad_cuts_are_named_and_skipped_or_refused_and_channels_mixed(tmp_path):
     del rows[4]["supervisions"]
     path = write_manifest(tmp_path / "cuts.jsonl", rows + ["{not json"])
     assert list(CutSet.from_file(write_manifest(tmp_path / "ok.jsonl", rows[:1])).ids) == [good.id]  # as Lhotse
-    utts, problems = read_cuts(path, 20.0)
+    utts, problems = read_cuts(path, 20.0, deep=True)  # strict: audio checked at start-up
     assert [u.text for u in utts] == ["A stereo tone!"]  # normalised as every text is, when tokenised
     assert torch.allclose(load_audio(utts[0].audio, 0.0, 1.0), torch.from_numpy(0.75 * wave), atol=1e-4)
     assert [p.split(": ", 1)[0] for p in problems] == [f"{path}:{n} (cut {good.id})" for n in (2, 3, 4, 5)] + \
@@ -289,18 +294,19 @@ def test_prepare_librispeech_layout(tmp_path):
     assert prepare_librispeech([str(tmp_path), str(tmp_path / "x.jsonl")]) == 2
 
 
-def test_batches_are_bounded_deterministic_and_even_across_ranks(corpus):
+def test_batches_are_bounded_and_deterministic_and_each_rank_reads_its_share_of_the_rows(corpus):
     utts, _ = read_manifest(str(corpus / "train.jsonl"), 20.0)
     batches = length_batches(utts, 3000)
     assert all(max(utts[i].frames for i in b) * len(b) <= 3000 or len(b) == 1 for b in batches)
     assert sorted(i for b in batches for i in b) == list(range(len(utts)))
     unsorted = [list(range(i, min(i + 12, len(utts)))) for i in range(0, len(utts), 12)]
     assert padding_fraction(utts, batches) < 0.5 * padding_fraction(utts, unsorted)
-    a = [train_batches(utts, 3000, 7, epoch=1, rank=r, world=2) for r in (0, 1)]
-    assert a == [train_batches(utts, 3000, 7, epoch=1, rank=r, world=2) for r in (0, 1)]
-    assert a[0] != train_batches(utts, 3000, 7, epoch=2, rank=0, world=2)
-    assert len(a[0]) == len(a[1]) == len(batches) // 2
-    filled = [shard(batches[:5], r, 2, fill=True) for r in (0, 1)]
+    a = train_batches(utts, 3000, 7, epoch=1, rank=0)
+    assert a == train_batches(utts, 3000, 7, epoch=1, rank=0) != train_batches(utts, 3000, 7, epoch=2, rank=0)
+    assert sorted(map(sorted, a)) == sorted(map(sorted, batches))
+    shares = [read_manifest(str(corpus / "train.jsonl"), 20.0, share=(r, 3))[0] for r in range(3)]
+    assert all([u.origin for u in shares[r]] == [u.origin for u in utts[r::3]] for r in range(3))  # every third
+    filled = [shard(batches[:5], r, 2) for r in (0, 1)]
     assert len(filled[0]) == len(filled[1]) == 3 and filled[1][-1][1] is True
 
 

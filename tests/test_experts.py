@@ -1,39 +1,80 @@
-"""Expert compute: the grouped matmul equals DeepSpeed's loop; dropless equals capacity mode when nothing drops."""
+"""Expert compute: the stacked experts and grouped GEMM equal DeepSpeed's per-expert loop; dropless equals
+capacity mode when nothing drops."""
 import pytest
 import torch
 from deepspeed.moe.experts import Experts
 
 from tests.common import VOCAB, batch, fill_weights, tiny_project
-from trainer.experts import GroupedExperts, dropless_moe
+from trainer.experts import GroupedExperts, dropless_moe, expert_ffn
 from trainer.model import CTCModel, feed_forward
 
 
-def test_grouped_experts_equal_deepspeeds_loop_forward_and_backward():
-    torch.manual_seed(0)
-    experts = GroupedExperts(feed_forward(16, 24), 4, "ep_size_1")
-    for e in experts.deepspeed_experts:  # DeepSpeed copies one module: make them differ
-        for p in e.parameters():
+def experts_and_modules(n: int, d: int = 16, f: int = 24, seed: int = 0):
+    """(GroupedExperts, DeepSpeed's Experts) holding the same n different Linear-ReLU-Linear experts."""
+    torch.manual_seed(seed)
+    reference = Experts(feed_forward(d, f), n, "ep_size_1")
+    grouped = GroupedExperts(d, f, n, "ep_size_1")
+    for j, module in enumerate(reference.deepspeed_experts):
+        for p in module.parameters():  # DeepSpeed copies one module: make them differ
             torch.nn.init.normal_(p)
+        grouped.init_expert(j, module)
+    return grouped, reference
+
+
+def grads_per_expert(grouped: GroupedExperts) -> list:
+    """The stacked gradients, as DeepSpeed's loop lays them out: expert by expert, weight then bias."""
+    return [g[j] for j in range(grouped.num_local_experts) for g in (grouped.w1.grad, grouped.b1.grad,
+                                                                     grouped.w2.grad, grouped.b2.grad)]
+
+
+def backward_of(y: torch.Tensor):
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+
+
+def assert_same_compute(grouped: GroupedExperts, reference: Experts, x: torch.Tensor, ours, theirs):
+    """ours(x) against theirs(x): output, the input's gradient and every expert weight's gradient."""
+    y = ours(x)
+    backward_of(y)
+    gx, x.grad = x.grad.clone(), None
+    want = theirs(x)
+    backward_of(want)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(gx, x.grad)
+    for a, b in zip(grads_per_expert(grouped), reference.parameters()):
+        torch.testing.assert_close(a, b.grad)
+
+
+@pytest.mark.parametrize("grouped_mm", [False, True])
+def test_stacked_experts_equal_deepspeeds_loop_for_uneven_and_empty_experts(grouped_mm):
+    """Both paths of expert_ffn (grouped_mm, which runs on CPU in fp32, and one matmul per expert) against
+    DeepSpeed's modules on the same rows: forward, the input's gradient and every weight's."""
+    grouped, reference = experts_and_modules(3)
+    sizes = [5, 0, 7]  # uneven, and one expert without a route
+    x = torch.randn(sum(sizes), 16, requires_grad=True)
+    assert_same_compute(grouped, reference, x,
+                        lambda x: expert_ffn(x, torch.tensor(sizes), sizes, grouped, grouped=grouped_mm),
+                        lambda x: torch.cat([e(p) for e, p in zip(reference.deepspeed_experts, torch.split(x, sizes))]))
+
+
+def test_capacity_buffer_through_stacked_experts_equals_deepspeeds_experts():
+    grouped, reference = experts_and_modules(4)
     x = torch.randn(2, 4, 5, 16, requires_grad=True)  # [ep ranks, local experts, capacity, width]
-    grads = []
-    for forward in (GroupedExperts.forward, Experts.forward):  # ours, then DeepSpeed's loop, on the same modules
-        experts.zero_grad()
-        x.grad = None
-        y = forward(experts, x)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        grads.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in experts.parameters()]))
-    (y0, gx0, gp0), (y1, gx1, gp1) = grads
-    torch.testing.assert_close(y0, y1)
-    torch.testing.assert_close(gx0, gx1)
-    for a, b in zip(gp0, gp1):
-        torch.testing.assert_close(a, b)
+    assert_same_compute(grouped, reference, x, grouped, reference)
 
 
-def test_grouped_experts_keep_deepspeeds_parameter_marking_and_names():
+def test_stacked_experts_keep_deepspeeds_marking_and_per_expert_state_names():
     model = CTCModel(*(lambda p: (p.model, p.moe))(tiny_project("switch")), VOCAB)
-    names = [n for n, p in model.named_parameters() if getattr(p, "allreduce", True) is False]
-    assert names and all(".deepspeed_experts." in n for n in names)
-    assert all(getattr(p, "group_name", None) == "ep_size_1" for n, p in model.named_parameters() if n in names)
+    marked = [n for n, p in model.named_parameters() if getattr(p, "allreduce", True) is False]
+    assert marked and all(n.split(".")[-1] in ("w1", "b1", "w2", "b2") and ".deepspeed_moe.experts." in n
+                          for n in marked)
+    assert all(getattr(p, "group_name", None) == "ep_size_1" for n, p in model.named_parameters() if n in marked)
+    state = model.state_dict()
+    names = [k for k in state if ".deepspeed_experts." in k]
+    assert len(names) == 3 * 4 * 4 and "blocks.0.ffn.moe.deepspeed_moe.experts.deepspeed_experts.3.2.bias" in names
+    fresh = CTCModel(*(lambda p: (p.model, p.moe))(tiny_project("switch")), VOCAB)
+    fill_weights(fresh)
+    fresh.load_state_dict(state, strict=True)  # per-expert entries back into the stacked tensors
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
 
 
 @pytest.mark.parametrize("mode,k", [("omni", 1), ("omni", 2), ("switch", 1)])
@@ -56,15 +97,12 @@ def test_dropless_equals_capacity_mode_when_nothing_is_dropped(mode, k):
 
 
 def test_dropless_computes_each_route_exactly_once_with_its_gate():
-    torch.manual_seed(1)
-    experts = GroupedExperts(feed_forward(8, 12), 3, "ep_size_1").deepspeed_experts
-    for e in experts:
-        for p in e.parameters():
-            torch.nn.init.normal_(p)
+    grouped, reference = experts_and_modules(3, 8, 12, seed=1)
     x = torch.randn(7, 8)
     indices = torch.tensor([[0, 2, 2, -1, 1, 0, 2], [1, 0, -1, -1, 2, 2, 0]])
     gates = torch.rand(2, 7)
-    y = dropless_moe(x, indices, gates, experts, 3, None, 1)
+    y = dropless_moe(x, indices, gates, grouped, 3, None, 1)
+    experts = reference.deepspeed_experts
     want = torch.stack([sum((gates[k, s] * experts[int(indices[k, s])](x[s]) for k in range(2)
                              if indices[k, s] >= 0), torch.zeros(8)) for s in range(7)])
     torch.testing.assert_close(y, want)

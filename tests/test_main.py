@@ -2,12 +2,16 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from tests.common import launch, tiny_config
+from tests.common import ROOT, launch, run_tool, tiny_config
+from trainer.deepspeed_contract import MODEL_STATES
 from tools.make_cuts import make_cuts
 from tools.make_shards import make_shards
 from trainer.data import ShardSet
@@ -67,6 +71,22 @@ def test_bad_config_fails_before_any_work(tmp_path, corpus):
     assert not (tmp_path / "run").exists()
 
 
+def test_gpus_allocated_but_unusable_stop_the_run_before_anything_is_written(tmp_path, corpus):
+    """This machine has no NVIDIA driver: with GPUs allocated, torch sees none, as with a driver older than the
+    torch build needs. Under DeepSpeed's launcher SLURM's variable names the allocation (the launcher sets
+    CUDA_VISIBLE_DEVICES itself); started by another launcher (srun, torchrun), CUDA_VISIBLE_DEVICES does. The
+    key that allows the CPU on purpose is tested by the ``trained`` fixture's omni run."""
+    config = tiny_config(tmp_path)
+    proc = launch(config, corpus, tmp_path / "run", env={**os.environ, "SLURM_STEP_GPUS": "0"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "GPUs were allocated (SLURM_STEP_GPUS=0) but torch" in proc.stderr and "allow_cpu" in proc.stderr
+    direct = subprocess.run([sys.executable, "trainer/main.py", "--deepspeed_config", config, "--output_dir",
+                             str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
+    assert direct.returncode == 2 and "GPUs were allocated (CUDA_VISIBLE_DEVICES=0)" in direct.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_rank_ends_without_interpreter_finalization(tmp_path, corpus):
     """Interpreter finalization can abort a rank whose run ended well (gloo's threads outlive
     ``destroy_process_group``; pytorch#179291). A rank's process ends with its status before it: an exit hook
@@ -92,13 +112,18 @@ def shard_flags(corpus, folder) -> list:
     return ["--train_shards", str(folder), "--dev_manifest", str(corpus / "dev.jsonl")]
 
 
-@pytest.mark.parametrize("mode,source", [("omni", "manifest"), ("switch", "shards")])
-def test_resumed_run_on_two_ranks_equals_an_uninterrupted_one(tmp_path, corpus, mode, source):
+@pytest.mark.parametrize("mode,source,features_on", [("omni", "manifest", "loader"), ("switch", "shards", "device")])
+def test_resumed_run_on_two_ranks_equals_an_uninterrupted_one(tmp_path, corpus, mode, source, features_on):
     """The interrupted run is the uninterrupted one's folder as it stood at its step-12 checkpoint (a
-    preemption there), resumed to step 24. The sharded run resumes within its second epoch, in the middle of a
-    rank's sequence of shards, whose batch counts differ between the ranks."""
-    config = tiny_config(tmp_path, mode)
+    preemption there), resumed to step 24, in bf16 (omni dropless, switch in capacity mode). The sharded run resumes within its second epoch, in the middle of a
+    rank's sequence of shards, whose batch counts differ between the ranks; it computes its features on the
+    device, with SpecAugment masks (drawn in the loader from the seed, epoch and utterance, applied on the
+    device)."""
+    config = tiny_config(tmp_path, mode, bf16={"enabled": True}, data_types={"grad_accum_dtype": "bf16"},
+                         data={"features_on": features_on} | (
+                             {"specaugment": {"freq_masks": 2, "time_masks": 2}} if features_on == "device" else {}))
     extra = shard_flags(corpus, tmp_path / "shards") if source == "shards" else []
+    extra += ["--set", "moe.dropless=false"] if mode == "switch" else []  # bf16 in both dispatches
     whole = launch(config, corpus, tmp_path / "whole", 2, extra + ["--set", "run.save_every=12"])
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert (f"from {tmp_path / 'shards'};" in whole.stdout) == (source == "shards")
@@ -121,6 +146,16 @@ def test_resumed_run_on_two_ranks_equals_an_uninterrupted_one(tmp_path, corpus, 
     for r in resumed:
         assert (r["loss"], r["ctc"], r["epoch"]) == (rows[r["step"]]["loss"], rows[r["step"]]["ctc"],
                                                      rows[r["step"]]["epoch"])
+    if mode == "omni":  # bf16 ZeRO 1 dropless, as the paper configs: the consolidated model is its weights in fp32
+        proc = run_tool("tools/consolidate_checkpoint.py", str(tmp_path / "split"), "--out", str(tmp_path / "model"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        weights = load_file(str(tmp_path / "model" / "model.safetensors"))
+        saved = torch.load(tmp_path / "split" / "checkpoints" / "step24" / MODEL_STATES, weights_only=False)
+        assert all(t.dtype == torch.float32 for t in weights.values())
+        dense = [k for k in weights if ".deepspeed_experts." not in k]  # the shared router under its first name
+        assert dense and all(saved["module"][k].dtype == torch.bfloat16 and torch.equal(weights[k],
+                                                                                       saved["module"][k].float())
+                             for k in dense)
     a, b = (tmp_path / run / "checkpoints" / "step24" for run in ("whole", "split"))
     for f in sorted(a.glob("*model_states.pt")):  # dense states and every expert file, by global id
         sa, sb = (torch.load(d / f.name, weights_only=False, map_location="cpu") for d in (a, b))
@@ -133,9 +168,10 @@ def test_bad_data_is_skipped_by_two_ranks_or_refused_when_strict(tmp_path, corpu
     cmd = ["--train_manifest", str(manifest), "--dev_manifest", str(corpus / "dev.jsonl")]
     proc = launch(tiny_config(tmp_path), corpus, tmp_path / "run", 2, cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"train.jsonl:{n + 1}: not JSON" in proc.stdout and f"train.jsonl:{n + 2}: audio" in proc.stdout
-    assert f"train.jsonl:{n + 5}: not UTF-8 (byte 0xef" in proc.stdout
-    assert f"skipping {manifest}:{n + 3}" in proc.stderr and "skipped 2 utterances whose audio" in proc.stdout
+    assert f"train.jsonl:{n + 1}: not JSON" in proc.stdout and f"train.jsonl:{n + 5}: not UTF-8 (byte 0xef" in proc.stdout
+    # The audio of rows n + 2 to n + 4 is not looked at before it is loaded: skipped, named and counted then.
+    assert f"skipping {manifest}:{n + 2}: audio {tmp_path / 'nowhere.flac'} unreadable" in proc.stderr
+    assert f"skipping {manifest}:{n + 3}" in proc.stderr and "skipped 3 utterances whose audio" in proc.stdout
     assert f"skipping {manifest}:{n + 4}" in proc.stderr and "4 samples are NaN or infinite" in proc.stderr
     strict = launch(tiny_config(tmp_path), corpus, tmp_path / "strict", 2, cmd + ["--strict_data"])
     assert strict.returncode == 2 and "unusable rows (strict_data)" in strict.stderr
@@ -149,3 +185,51 @@ def test_missing_cmvn_file_is_a_clear_error(tmp_path, corpus):
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     proc = launch(str(tmp_path / "c.json"), corpus, tmp_path / "run", 2)
     assert proc.returncode != 0 and "data error" in proc.stderr and "nowhere.json" in proc.stderr
+
+
+def readme_commands(heading: str) -> list[str]:
+    """The commands of the first bash block after ``heading`` in the README, as written (comments dropped,
+    continued lines joined)."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index(heading):].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands, current = [], ""
+    for line in block.splitlines():
+        if line.startswith("#"):
+            continue
+        current += line.rstrip("\\") + " "
+        if not line.endswith("\\"):
+            commands.append(" ".join(current.split()))
+            current = ""
+    return commands
+
+
+TINY = ("--set model.d_model=32 --set model.num_layers=2 --set model.num_heads=2 --set model.ffn_dim=64 "
+        "--set data.vocab_size=48 --set data.batch_frames=2500 --set data.max_frames_per_rank=0 "
+        "--set data.num_workers=0 --set run.max_steps=1")
+
+
+def test_the_readme_libriheavy_commands_run_as_written_on_a_stand_in(tmp_path, corpus):
+    """Libriheavy's layout under data/libriheavy made from the embedded corpus (tools/make_cuts.py); every
+    command of the README's Libriheavy section, as written, with the model and batch shrunk by --set, to step 1."""
+    repo = tmp_path / "repo"
+    lhotse = repo / "data" / "libriheavy" / "upper_no_punc" / "lhotse"
+    lhotse.mkdir(parents=True)
+    for name in ("trainer", "tools", "ds_configs"):
+        (repo / name).symlink_to(ROOT / name)
+    for subset, split in (("large", "train"), ("small", "train"), ("dev", "dev")):  # paths under data/libriheavy
+        written = make_cuts(str(corpus / f"{split}.jsonl"), str(repo / "data" / "libriheavy" / f"{subset}.jsonl.gz"))
+        written.rename(lhotse / f"libriheavy_cuts_{subset}.jsonl.gz")
+    commands = readme_commands("### Libriheavy, the paper's data")
+    assert [c.split()[:3] for c in commands] == [["python", "-m", "tools.make_shards"]] + [
+        ["deepspeed", "trainer/main.py", "--deepspeed_config"]] * 2
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    read = ["", "shards, read lazily, from data/libriheavy/shards/large;",
+            "from data/libriheavy/upper_no_punc/lhotse/libriheavy_cuts_small.jsonl.gz;"]
+    for i, command in enumerate(commands):
+        flags = "" if i == 0 else f" {TINY} --set run.output_dir=runs/{i}"
+        proc = subprocess.run(["bash", "-c", command + flags], cwd=repo, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        assert read[i] in proc.stdout, proc.stdout[-2000:]
+        if i:
+            assert json.loads((repo / "runs" / str(i) / "results.json").read_text())["dev"]["step"] == 1

@@ -3,9 +3,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.common import VOCAB, batch, ds_dict, fill_weights, global_name, tiny_project, union
+from tests.common import VOCAB, batch, ds_dict, fill_weights, per_expert, tiny_project, union
 from tests.distributed import run_ranks
 from trainer.config import load_config
+from trainer.data import STAND_IN_FRAMES
 from trainer.engine import build_engine, build_model, step_loss
 
 
@@ -15,8 +16,8 @@ SHARDS = [dict(seed=10, lengths=(13, 10, 7)), dict(seed=11, lengths=tuple(range(
 pytestmark = pytest.mark.slow
 
 
-def _losses_and_grads(mode, k, stage):
-    """One forward/backward over this rank's shard (the union on one rank); full gradients by global name."""
+def _losses_and_grads(mode, k, stage, batches):
+    """One forward/backward over this rank's batch (``batches[rank]``); full gradients by global name."""
     from deepspeed.utils import safe_get_full_grad
     rank, world = dist.get_rank(), dist.get_world_size()
     project = tiny_project(mode, k, drop_tokens=False)
@@ -24,25 +25,41 @@ def _losses_and_grads(mode, k, stage):
     n_local = 4 // world
     fill_weights(model, ep_rank=rank, n_local=n_local)
     engine = build_engine(ds_dict(stage=stage), project, model)
-    b = union(*[batch(**s) for s in SHARDS]) if world == 1 else batch(**SHARDS[rank])
-    loss, _, totals = step_loss(engine, project, b)
+    loss, _, totals = step_loss(engine, project, batches[rank])
     engine.backward(loss.total)
-    grads = {global_name(n, rank, n_local): safe_get_full_grad(p).detach().clone()
-             for n, p in engine.module.named_parameters()}
+    grads = per_expert({n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()},
+                       rank, n_local)
     return float(totals.frames), grads
 
 
-@pytest.mark.parametrize("mode,k", [("omni", 1), ("omni", 2), ("switch", 1), ("switch", 2)])
-def test_uneven_shards_on_two_ranks_give_the_gradient_of_one_rank_with_the_union_batch(mode, k):
-    [(ref_frames, ref_grads)] = run_ranks(_losses_and_grads, 1, mode, k, 1)
-    ranks = run_ranks(_losses_and_grads, 2, mode, k, 1)
-    assert ranks[0][0] == ranks[1][0] == ref_frames  # the global frame count, on every rank
+def assert_same_gradients(ranks: list, ref_grads: dict):
     seen = set()
     for _, grads in ranks:
         for name, g in grads.items():
             torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-7, msg=name)
             seen.add(name)
     assert seen == set(ref_grads)  # every expert of the one-rank model lives on exactly one of the two ranks
+
+
+@pytest.mark.parametrize("mode,k", [("omni", 1), ("omni", 2), ("switch", 1), ("switch", 2)])
+def test_uneven_shards_on_two_ranks_give_the_gradient_of_one_rank_with_the_union_batch(mode, k):
+    shards = [batch(**s) for s in SHARDS]
+    [(ref_frames, ref_grads)] = run_ranks(_losses_and_grads, 1, mode, k, 1, [union(*shards)])
+    ranks = run_ranks(_losses_and_grads, 2, mode, k, 1, shards)
+    assert ranks[0][0] == ranks[1][0] == ref_frames  # the global frame count, on every rank
+    assert_same_gradients(ranks, ref_grads)
+
+
+def test_a_stand_in_batch_on_one_rank_leaves_exactly_the_gradient_of_the_other_ranks_batch():
+    """The stand-in of an all-failed batch (weight 0) is attended but neither routed nor counted: no
+    load-balancing or z-loss from its frames, no share of the global expert fractions."""
+    stand_in = {**batch(12, lengths=(STAND_IN_FRAMES,)), "weight": torch.zeros(1)}
+    stand_in["feats"].zero_()
+    real = batch(**SHARDS[1])
+    [(ref_frames, ref_grads)] = run_ranks(_losses_and_grads, 1, "omni", 1, 1, [real])
+    ranks = run_ranks(_losses_and_grads, 2, "omni", 1, 1, [stand_in, real])
+    assert ranks[0][0] == ranks[1][0] == ref_frames
+    assert_same_gradients(ranks, ref_grads)
 
 
 def _train_zero(stage, lengths_by_rank):
@@ -131,22 +148,53 @@ def test_dropless_equals_capacity_mode_on_two_expert_parallel_ranks(mode):
             torch.testing.assert_close(grads_free[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def _prepare_once_the_tokenizer_exists(corpus: str, out: str) -> int:
+def _prepare_with_one_training_row(corpus: str, out: str) -> str:
     from pathlib import Path
-    import time
-    from trainer import distributed
     from trainer.config import DataConfig, ProjectConfig, RunConfig
     from trainer.run import prepare_data
-    data = DataConfig(train_manifests=[f"{corpus}/train.jsonl"], dev_manifests=[f"{corpus}/dev.jsonl"], vocab_size=40)
-    project = ProjectConfig(data=data, run=RunConfig(output_dir=out))
-    if distributed.rank() == 1:  # rank 1 comes to the tokenizer only after rank 0 has written it
-        deadline = time.time() + 120
-        while not (Path(out) / "tokenizer.model").exists() and time.time() < deadline:
-            time.sleep(0.05)
-    return prepare_data(project)[2].vocab_size
+    from trainer.sources import DataError
+    one = Path(out) / "one.jsonl"
+    row = Path(f"{corpus}/train.jsonl").read_text().splitlines()[0].replace('"audio_filepath": "',
+                                                                            f'"audio_filepath": "{corpus}/')
+    one.write_text(row + "\n")
+    data = DataConfig(train_manifests=[str(one)], dev_manifests=[f"{corpus}/dev.jsonl"], vocab_size=40)
+    try:
+        prepare_data(ProjectConfig(data=data, run=RunConfig(output_dir=f"{out}/run")))
+    except DataError as e:
+        return str(e)
+    return "no error"
 
 
-def test_a_rank_that_finds_the_tokenizer_written_still_meets_rank_0(corpus, tmp_path):
-    """Before: rank 1 saw rank 0's fresh tokenizer file and skipped the broadcast rank 0 waited in (a hang
-    seen once in three two-rank runs from shards, whose reading is slower)."""
-    assert run_ranks(_prepare_once_the_tokenizer_exists, 2, str(corpus), str(tmp_path), deadline_s=90) == [40, 40]
+def test_each_rank_reads_its_share_of_the_rows_and_an_empty_share_stops_every_rank(corpus, tmp_path):
+    """One training row on two ranks: rank 1's share is empty; both ranks stop with the same message (none goes
+    on alone to wait in the tokenizer's broadcast)."""
+    said = run_ranks(_prepare_with_one_training_row, 2, str(corpus), str(tmp_path), deadline_s=90)
+    assert said == ["train: no usable utterance in the share of 1 of 2 ranks (each rank reads one row in 2)"] * 2
+
+
+def _accumulated_update(extra: dict) -> torch.Tensor:
+    """Minus the fp32 master update of one SGD step (lr 1) over two micro-batches: the accumulated gradient."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    project = tiny_project("omni", 1, accumulation=2, dropless=True)
+    model = build_model(project, VOCAB)
+    fill_weights(model)
+    engine = build_engine({**ds_dict(stage=1), "optimizer": {"type": "SGD", "params": {"lr": 1.0}},
+                           "zero_allow_untested_optimizer": True, **extra}, project, model)
+    before = [safe_get_full_fp32_param(p).clone() for p in engine.module.parameters()]
+    for seed in (20, 21):
+        loss, _, _ = step_loss(engine, project, batch(seed, lengths=(40, 33, 25)))
+        engine.backward(loss.total)
+        engine.step()
+    assert engine.global_steps == 1
+    return torch.cat([(b - safe_get_full_fp32_param(p)).reshape(-1) for b, p in zip(before,
+                                                                                      engine.module.parameters())])
+
+
+def test_the_paper_configs_bf16_gradient_accumulation_stays_within_half_a_percent_of_fp32():
+    """The shipped setting (paper configs: bf16, ZeRO 1, grad_accum_dtype bf16), two micro-batches per step."""
+    ds, _ = load_config("ds_configs/paper/omni_8x84m.json")
+    assert ds["zero_optimization"]["stage"] == 1 and ds["bf16"]["enabled"]
+    shipped = {"bf16": ds["bf16"], "data_types": ds["data_types"]}
+    [reference] = run_ranks(_accumulated_update, 1, {})
+    [bf16] = run_ranks(_accumulated_update, 1, shipped)
+    assert float((bf16 - reference).norm() / reference.norm()) < 1e-2

@@ -52,13 +52,19 @@ def test_periodic_evaluation_telemetry_retention_and_damaged_checkpoints(tmp_pat
     assert kept == sorted({"step16", "step24", f"step{best}"})  # the newest two, and the best by dev WER
     assert (out / "checkpoints" / "latest").read_text() == "step24"
 
-    # Damage the newest: the next newest is chosen instead, with a warning naming the file.
+    # Damage the newest: the next newest is chosen instead, with a warning naming the file. It is evaluated
+    # with the features computed on the device: the same scores as the run's evaluation of it in the loader.
     victim = next((out / "checkpoints" / "step24").glob("layer_1_expert_3_*"))
     victim.unlink()
-    again = launch(config, corpus, out, 2, extra + ["--eval_only"])
+    again = launch(config, corpus, out, 2, extra + ["--eval_only", "--set", "data.features_on=device"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"skipping a damaged checkpoint: {victim}: missing" in again.stdout
     assert f"resumed from {out / 'checkpoints' / 'step16'}" in again.stdout
+    assert 'data.features_on: "loader" -> "device"' in again.stdout
+    on_device, in_loader = json.loads((out / "eval_step16.json").read_text())["sets"], evals[1]["sets"]
+    for name in ("dev", "test"):
+        assert on_device[name]["wer"] == in_loader[name]["wer"] and on_device[name]["cer"] == in_loader[name]["cer"]
+        assert on_device[name]["loss"] == pytest.approx(in_loader[name]["loss"], rel=1e-4)
     (out / "checkpoints" / "step24" / "complete.json").unlink(missing_ok=True)
     for tag in kept:
         (out / "checkpoints" / tag / "complete.json").unlink(missing_ok=True)
@@ -87,12 +93,16 @@ def test_changing_the_number_of_ranks_needs_reset_optimizer(tmp_path, corpus, tr
     config = tiny_config(tmp_path, run={"max_steps": 16})  # the config of the trained omni run (2 ranks, ep 2)
     out = tmp_path / "run"
     shutil.copytree(trained["omni"], out, ignore=shutil.ignore_patterns(".lock"))
+    # The run folder's tokenizer damaged too: restored from the newest checkpoint's copy, both files named.
+    (out / "tokenizer.model").write_bytes(b"\0" * 100)
     refused = launch(config, corpus, out, 1, ["--max_steps", "20"])
-    assert refused.returncode == 1
+    assert f"WARNING: {out / 'tokenizer.model'}: not a readable sentencepiece model" in refused.stdout
+    assert f"restored from {out / 'checkpoints' / 'step16' / 'tokenizer.model'}" in refused.stdout
+    assert refused.returncode == 2, refused.stderr[-3000:]  # a bad configuration, as the README's table says
     assert "written by 2 ranks with ep_size 2, this run has 1 with ep_size 1" in refused.stderr
-    assert "--reset_optimizer" in refused.stderr
+    assert "--reset_optimizer" in refused.stderr and "Traceback" not in refused.stderr
     fresh = launch(config, corpus, out, 2, ["--max_steps", "20", "--resume", "never"])
-    assert fresh.returncode == 1 and "--resume never" in fresh.stderr and "already holds checkpoints" in fresh.stderr
+    assert fresh.returncode == 2 and "--resume never" in fresh.stderr and "already holds checkpoints" in fresh.stderr
     moved = launch(config, corpus, out, 1, ["--max_steps", "20", "--reset_optimizer"])
     assert moved.returncode == 0, moved.stderr[-3000:]
     assert "at step 16 (optimizer reset)" in moved.stdout
@@ -152,3 +162,46 @@ def test_non_finite_gradient_with_finite_loss_is_skipped_on_all_ranks(tmp_path):
         assert r["seen"][5][0] == "stopped" and "3 non-finite losses or gradients in a row" in r["seen"][5][1]
     assert torch.equal(results[0]["router"], results[1]["router"])
     assert (tmp_path / "run" / "checkpoints" / "step6" / "complete.json").exists()
+
+
+def _resume_after_damage_with_a_late_rank_0(out_dir: str) -> dict:
+    """Two ranks, ep_size 2: checkpoints tagged step1 and step2; a byte of step2's file that only rank 1 loads (its
+    ZeRO shard) changed; the run's collective timeout 1 s, the checkpoint timeout 60 s; rank 0 comes to the
+    resume 4 s late, as when it hashes a share of a large checkpoint while rank 1 waits."""
+    import time
+    from pathlib import Path
+    from trainer import checkpoint, distributed
+    project = with_overrides(tiny_project("omni"), run={"output_dir": out_dir})
+    engine = build_engine(ds_dict(stage=1), project, build_model(project, VOCAB))
+    trainer = Trainer(engine, project, None, {}, None, out_dir)
+    for step in (1, 2):
+        engine.global_steps = step  # the tag; what is written is DeepSpeed's and the trainer's as in a run
+        trainer.save()
+    victim = Path(out_dir, "checkpoints", "step2", "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    if dist.get_rank() == 1:
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    distributed.barrier()
+    resumer = checkpoint.Checkpointer(engine, Path(out_dir), keep_last=3, timeout_s=60)
+    distributed.apply_timeout(1.0)
+    if dist.get_rank() == 0:
+        time.sleep(4)
+    record = resumer.resume(project.model_dump(), 2, 2, reset_optimizer=False)
+    return {"step": record.step, "verified": resumer.newest_verified(2, 2, project.moe.num_experts),
+            "victim": str(victim)}
+
+
+def test_each_rank_verifies_the_files_it_loads_under_the_checkpoint_timeout(tmp_path):
+    from trainer import checkpoint
+    results = run_ranks(_resume_after_damage_with_a_late_rank_0, 2, str(tmp_path / "run"))
+    step2 = tmp_path / "run" / "checkpoints" / "step2"
+    _, files = checkpoint.recorded_files(step2.parent, "step2")
+    owner = checkpoint.share(files, 2, checkpoint.rank_readers(2, 2, 4))
+    assert owner["zero_pp_rank_1_mp_rank_00_optim_states.pt"] == 1  # rank 0 never reads it
+    assert {owner[f"layer_0_expert_{e}_mp_rank_00_model_states.pt"] for e in (0, 1)} == {0}
+    assert {owner[f"layer_0_expert_{e}_mp_rank_00_model_states.pt"] for e in (2, 3)} == {1}
+    for r in results:
+        assert r["step"] == 1
+        assert r["verified"] == ("step1", [f"{r['victim']}: content differs from the SHA-256 recorded when it was "
+                                           "written (corrupted)"])

@@ -1,6 +1,7 @@
 """The benchmarks run and print their figures (smoke runs at tiny sizes; the figures are not asserted), and the
 routing comparison runs end to end."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -20,9 +21,10 @@ def test_bench_step_prints_a_row_per_mode_and_the_ratio(tmp_path):
 
 def test_bench_data_prints_throughput_and_profile(corpus):
     proc = run_tool("tools/bench_data.py", "--manifest", str(corpus / "dev.jsonl"), "--workers", "0,2",
-                    "--utterances", "20", "--shard_size", "5", timeout=300)
+                    "--utterances", "20", "--shard_size", "5", "--repeats", "1", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "shards x real time" in proc.stdout and "log-mel" in proc.stdout and "in 4 shards" in proc.stdout
+    assert "device / loader" in proc.stdout and "shards / files" in proc.stdout and "in 4 shards" in proc.stdout
+    assert "x real time on cpu (one thread)" in proc.stdout and "log-mel" in proc.stdout
     assert len([ln for ln in proc.stdout.splitlines() if ln.strip().startswith(("0 ", "2 "))]) == 2
 
 
@@ -57,3 +59,14 @@ def test_compare_routing_trains_each_mode_once_evaluates_and_reports(tmp_path, c
     second = run_tool(*args)
     assert second.returncode == 0 and second.stderr.count("finished, not trained again") == 2
     assert (out / "report.md").read_text() == report
+
+
+def test_a_planned_comparison_gives_every_run_its_own_tensorboard_folder(tmp_path):
+    from tools.compare_routing import plan
+    tasks = plan("ds_configs/paper/omni_8x84m.json", ["dense", "switch", "omni"], [1, 2], tmp_path)
+    boards = []
+    for name, config, run in tasks:
+        board = json.loads(config.read_text())["tensorboard"]
+        assert board["enabled"] and board["job_name"] == name and Path(board["output_path"]).parent == run
+        boards.append(board["output_path"])
+    assert len(set(boards)) == len(tasks) == 6

@@ -4,7 +4,7 @@
     deepspeed --num_gpus 2 tools/bench_step.py --ep auto        # expert parallelism over two ranks
 
 Synthetic log-mel batches of fixed shape isolate the model step (forward, backward, optimizer) from data
-loading. Modes are timed in short interleaved rounds (the order rotates every round), so that drift of the
+loading. Beside each step time: the host syncs of one forward+backward (``trainer.host_syncs``). Modes are timed in short interleaved rounds (the order rotates every round), so that drift of the
 machine hits all of them alike: a step time is the median over rounds of the mean step in a round, and a ratio
 is the median over rounds of the ratio within a round (paired, so a slow spell of the machine cancels), with the
 quartiles of those per-round ratios beside it.
@@ -19,6 +19,7 @@ import torch
 from trainer import distributed
 from trainer.config import load_config, with_overrides
 from trainer.engine import build_engine, build_model, step_loss
+from trainer.host_syncs import count_host_syncs
 
 
 def parse_args():
@@ -50,6 +51,16 @@ def make_batch(args, n_mels, vocab):
             "target_lengths": torch.full((n,), args.utt_frames // 20), "weight": torch.ones(n)}
 
 
+def step_syncs(engine, project, batch) -> int:
+    """Host syncs of one training forward+backward (``trainer.host_syncs``); the step is also a warm-up."""
+    engine.train()
+    with count_host_syncs() as log:
+        loss, _, _ = step_loss(engine, project, batch)
+        engine.backward(loss.total)
+    engine.step()
+    return log.count
+
+
 def main():
     args = parse_args()
     if args.rounds < 2:
@@ -66,7 +77,10 @@ def main():
                                  data={"batch_frames": args.frames * distributed.world(), "max_frames_per_rank": 0})
         model = build_model(project, 256)
         engines[mode] = (build_engine(ds, project, model), project)
-    batch = make_batch(args, base.model.n_mels, 256)
+    dev = next(iter(engines.values()))[0].device  # features and targets on the device, lengths on the host
+    batch = {k: v.to(dev) if k in ("feats", "targets") else v for k, v in make_batch(args, base.model.n_mels,
+                                                                                    256).items()}
+    syncs = {m: step_syncs(engine, project, batch) for m, (engine, project) in engines.items()}
     times = {m: [] for m in engines}
     order = list(engines)
     for r in range(args.rounds + 1):  # round 0 warms up
@@ -87,12 +101,12 @@ def main():
         frames = batch["lengths"].sum().item() * world
         print(f"{world} rank(s), {frames} input frames per step, device {engines[mode][0].device}, "
               f"{args.rounds} rounds x {args.steps} steps")
-        print(f"{'mode':8} {'params':>12} {'ms/step':>9} {'spread ms':>10} {'frames/s':>10}")
+        print(f"{'mode':8} {'params':>12} {'ms/step':>9} {'spread ms':>10} {'frames/s':>10} {'host syncs':>10}")
         for mode, (engine, _) in engines.items():
             ms = statistics.median(times[mode]) * 1000
             spread = (max(times[mode]) - min(times[mode])) * 1000
             n = sum(p.numel() for p in engine.module.parameters())
-            print(f"{mode:8} {n:>12,} {ms:9.1f} {spread:10.1f} {frames / ms * 1000:10,.0f}")
+            print(f"{mode:8} {n:>12,} {ms:9.1f} {spread:10.1f} {frames / ms * 1000:10,.0f} {syncs[mode]:>10}")
         for a, b in (("switch", "dense"), ("omni", "dense"), ("omni", "switch")):
             if a in times and b in times:
                 ratios = [x / y for x, y in zip(times[a], times[b])]

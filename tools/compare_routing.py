@@ -45,7 +45,9 @@ TASKS = "tasks.txt"  # one "config output_dir" line per run, in array-index orde
 
 
 def plan(config: str, modes: list[str], seeds: list[int], out: Path) -> list[tuple[str, Path, Path]]:
-    """Write one config per (mode, seed) and the task list; return [(name, config, run folder)]."""
+    """Write one config per (mode, seed) and the task list; return [(name, config, run folder)]. Each run
+    writes into its own folder, its DeepSpeed monitors included (TensorBoard, CSV: inside the run folder;
+    W&B: its own job name)."""
     load_config(config)  # a bad base config is an error before anything is written
     base = json.loads(Path(config).read_text())
     (out / "configs").mkdir(parents=True, exist_ok=True)
@@ -57,6 +59,10 @@ def plan(config: str, modes: list[str], seeds: list[int], out: Path) -> list[tup
             section = cfg.setdefault(SECTION, {})
             section.setdefault("moe", {})["mode"] = mode
             section.setdefault("run", {}).update(seed=seed, output_dir=str(out / "runs" / name))
+            for monitor in ("tensorboard", "csv_monitor", "wandb"):  # DeepSpeed's monitors: one place per run
+                if cfg.get(monitor, {}).get("enabled"):
+                    cfg[monitor].update(job_name=name, **({} if monitor == "wandb" else
+                                                          {"output_path": str(out / "runs" / name / monitor)}))
             path = out / "configs" / f"{name}.json"
             path.write_text(json.dumps(cfg, indent=1))
             tasks.append((name, path, out / "runs" / name))

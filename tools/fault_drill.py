@@ -28,7 +28,7 @@ import psutil
 import soundfile as sf
 import torch
 
-from trainer import checkpoint, integrity
+from trainer import checkpoint, integrity, locks
 from trainer.run import LOCK
 from trainer.deepspeed_contract import EXPERT_FILE, MODEL_STATES
 
@@ -47,6 +47,17 @@ def slow(*args):
         time.sleep(float(os.environ["DRILL_SAVE_S"]))
     publish(*args)
 checkpoint.publish = slow
+distributed.end_process(run.main())
+"""
+
+
+# A trainer on a file system without flock (Lustre, NFS without locking): flock fails with ENOLCK.
+NO_FLOCK = """import errno, fcntl, sys
+sys.path.insert(0, {root!r})
+def no_flock(*args):
+    raise OSError(errno.ENOLCK, "No locks available")
+fcntl.flock = no_flock
+from trainer import distributed, run
 distributed.end_process(run.main())
 """
 
@@ -168,6 +179,11 @@ class Drill:
         path.write_text(SLOW_SAVE.format(root=str(ROOT)))
         return str(path)
 
+    def no_flock_trainer(self) -> str:
+        path = self.work / "no_flock_main.py"
+        path.write_text(NO_FLOCK.format(root=str(ROOT)))
+        return str(path)
+
     def reference(self) -> Path:
         """An uninterrupted run to step 8 (checkpoints at steps 4 and 8), made once."""
         if self._reference is None:
@@ -242,10 +258,11 @@ def probe_bad_input(drill: Drill) -> Row:
     log = proc.stdout + proc.stderr
     named = {f"{n + 1}: not JSON", f"{n + 2}: audio", f"{n + 3}", f"{n + 4}", f"{n + 5}: not UTF-8"}
     seen = sorted(x for x in named if f"train.jsonl:{x}" in log)
-    ok = proc.returncode == 0 and len(seen) == 5 and "skipped 2 utterances whose audio" in log \
+    ok = proc.returncode == 0 and len(seen) == 5 and "skipped 3 utterances whose audio" in log \
         and "samples are NaN or infinite" in log
-    return Row("bad_input", "exit 0; 5 bad rows named by file:line (not JSON, missing, truncated, NaN, not UTF-8); "
-               "2 undecodable skipped and counted", f"exit {proc.returncode}; {len(seen)}/5 named", ok)
+    return Row("bad_input", "exit 0; 5 bad rows named by file:line (not JSON and not UTF-8 at start-up; missing, "
+               "truncated, NaN when loaded, those 3 skipped and counted)", f"exit {proc.returncode}; {len(seen)}/5 "
+               "named", ok)
 
 
 def probe_bad_input_strict(drill: Drill) -> Row:
@@ -285,9 +302,9 @@ def probe_ep_size(drill: Drill) -> Row:
 
 def probe_changed_config(drill: Drill) -> Row:
     out = drill.copy_of_reference("changed_config")
-    cases = [(["--set", "model.d_model=48", "--set", "moe.top_k=2"], 1,
+    cases = [(["--set", "model.d_model=48", "--set", "moe.top_k=2"], 2,
               ["model.d_model: 32 -> 48; moe.top_k: 1 -> 2", "--reset_optimizer"]),
-             (["--set", "model.d_model=48", "--reset_optimizer"], 1, ["do not fit the changed model"]),
+             (["--set", "model.d_model=48", "--reset_optimizer"], 2, ["do not fit the changed model"]),
              (["--set", "moe.top_k=2", "--reset_optimizer", "--max_steps", "10", "--set", "run.log_every=1"], 0,
               ["moe.top_k: 1 -> 2", "run.log_every: 2 -> 1", "(model-defining; weights loaded where they fit)"])]
     failed = []
@@ -295,8 +312,8 @@ def probe_changed_config(drill: Drill) -> Row:
         proc = drill.launch(out, extra)
         if proc.returncode != code or not all(t in proc.stdout + proc.stderr for t in texts):
             failed.append(f"{' '.join(extra)}: exit {proc.returncode}, {last_line(proc.stderr)}")
-    return Row("resume_changed_config", "model keys refused and named (--reset_optimizer: loaded if shapes fit); "
-               "run keys accepted and printed", f"{len(cases) - len(failed)}/{len(cases)} cases as expected"
+    return Row("resume_changed_config", "model keys refused, named, exit 2 (--reset_optimizer: loaded if shapes "
+               "fit); run keys accepted and printed", f"{len(cases) - len(failed)}/{len(cases)} cases as expected"
                + "".join(f"; {f}" for f in failed), not failed)
 
 
@@ -369,6 +386,23 @@ def probe_lock(drill: Drill) -> Row:
     return Row("output_dir_lock", "a second run into the folder exits 2 naming the holder; after kill -9 of the "
                "holder no stale lock", f"second: exit {second.returncode}; after kill -9 the lock is "
                f"{'free' if free else 'STILL HELD'}", refused and free)
+
+
+def probe_lock_file(drill: Drill) -> Row:
+    out, script = drill.work / "lock_file", drill.no_flock_trainer()
+    first = drill.start(out, ["--max_steps", str(LONG)], script=script)
+    first.wait_for("step 2/")
+    held = locks.lock_file(out / LOCK).exists()
+    second = drill.launch(out, ["--max_steps", "4"], script=script)
+    refused = second.returncode == 2 and "is in use by another run (pid" in second.stderr \
+        and f"{locks.LOCK_FILE}; last heartbeat" in second.stderr
+    os.kill(first.proc.pid, signal.SIGTERM)  # the runner alone: the ranks stop, save and exit
+    code = first.finish()
+    gone = not locks.lock_file(out / LOCK).exists()
+    return Row("output_dir_lock_file", "without flock: a lock file with heartbeat; a second run exits 2 naming the "
+               "holder and the kind of lock; the file goes when the holder stops",
+               f"lock file {'made' if held else 'MISSING'}; second: exit {second.returncode}; first stopped (runner "
+               f"{code}), lock file {'removed' if gone else 'LEFT'}", held and refused and gone)
 
 
 def probe_hung_rank_timeout(drill: Drill) -> Row:
@@ -551,6 +585,7 @@ PROBES: dict[str, Callable[[Drill], Row]] = {
     "launcher_sigterm_slow_save": probe_launcher_sigterm_slow_save,
     "signal_during_slow_save": probe_signal_during_slow_save,
     "output_dir_lock": probe_lock,
+    "output_dir_lock_file": probe_lock_file,
     "hung_rank_timeout": probe_hung_rank_timeout,
     "hung_rank_sigterm_grace": lambda d: probe_hung_rank_sigterm(d, second_signal=False),
     "hung_rank_second_sigterm": lambda d: probe_hung_rank_sigterm(d, second_signal=True),

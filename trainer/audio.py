@@ -18,10 +18,11 @@ def load_audio(source, offset: float = 0.0, duration: float = 0.0) -> torch.Tens
         data = f.read(int(round(duration * rate)) if duration > 0 else -1, dtype="float32", always_2d=True)
     if data.shape[0] == 0:
         raise ValueError("no samples")
-    wave = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))
-    if not torch.isfinite(wave).all():  # float WAV can hold them; one such file would make every loss NaN
-        raise ValueError(f"{int((~torch.isfinite(wave)).sum())} samples are NaN or infinite")
-    return resample(wave, rate)
+    mono = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)  # the same samples; a copy less
+    finite = np.isfinite(mono)  # numpy's check: a tenth of torch's time, which was a tenth of a decode
+    if not finite.all():  # float WAV can hold them; one such file would make every loss NaN
+        raise ValueError(f"{int((~finite).sum())} samples are NaN or infinite")
+    return resample(torch.from_numpy(np.ascontiguousarray(mono)), rate)
 
 
 def resample(wave: torch.Tensor, rate: int) -> torch.Tensor:

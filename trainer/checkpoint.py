@@ -6,12 +6,14 @@ visible only after every rank has written everything: the save runs with ``save_
 meet at a barrier, rank 0 records every file with its size and SHA-256 (computed by the rank that wrote it,
 while writing) in ``TAG/complete.json``, and only then replaces ``latest`` atomically. At start-up the newest
 checkpoint whose record matches the disk, byte for byte, is used; a damaged or partial one is reported by
-name and skipped. Nothing is loaded in a way that could run code (``integrity``).
+name and skipped. The ranks share that check, each hashing the files it is about to load (``share``), under
+the checkpoint timeout. Nothing is loaded in a way that could run code (``integrity``).
 """
 import json
 import math
 import os
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -21,14 +23,16 @@ import deepspeed
 import torch
 
 from trainer import distributed, integrity
-from trainer.deepspeed_contract import MODEL_STATES, SAFE_GLOBALS, set_schedule_position
+from trainer.deepspeed_contract import MODEL_STATES, SAFE_GLOBALS, loading_ranks, set_schedule_position
+from trainer.text import tokenizer_problem
 
 RECORD = "complete.json"
 TOKENIZER, CMVN = "tokenizer.model", "cmvn.json"  # beside the checkpoints in a run's folder, and copied into each
 
 
 class ResumeError(RuntimeError):
-    """A checkpoint that this run cannot continue from as asked; worded for the user."""
+    """A checkpoint that this run cannot continue from as asked (its config or flags must change: exit 2);
+    worded for the user."""
 
 
 # Keys that define what the weights mean: a resume that changes one is refused (``--reset_optimizer`` lets
@@ -98,33 +102,51 @@ def tags(ckpt_dir: Path) -> list[str]:
     return sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and _step(p.name) >= 0), key=_step)
 
 
-def problem(ckpt_dir: Path, tag: str) -> str:
-    """Why this checkpoint cannot be used, or '' if every recorded file is there with its size and SHA-256
-    (records of 0.2 and before hold sizes only)."""
+def recorded_files(ckpt_dir: Path, tag: str) -> tuple[str, dict]:
+    """The cheap half of the check: (why the checkpoint cannot be used or '', {name: {"bytes", "sha256"}} of its
+    record), every recorded file there with its size (records of 0.2 and before hold sizes only: sha256 None)."""
     record = ckpt_dir / tag / RECORD
     if not record.exists():
-        return f"{ckpt_dir / tag}: incomplete (no {RECORD}; the save did not finish)"
+        return f"{ckpt_dir / tag}: incomplete (no {RECORD}; the save did not finish)", {}
     try:
         files = json.loads(record.read_text())["files"]
     except (json.JSONDecodeError, KeyError) as e:
-        return f"{record}: unreadable ({e})"
+        return f"{record}: unreadable ({e})", {}
+    files = {name: {"bytes": e, "sha256": None} if isinstance(e, int) else e for name, e in files.items()}
     for name, entry in files.items():
         path = ckpt_dir / tag / name
-        size, sha = (entry, None) if isinstance(entry, int) else (entry["bytes"], entry["sha256"])
         if not path.exists():
-            return f"{path}: missing"
-        if path.stat().st_size != size:
-            return f"{path}: {path.stat().st_size} bytes, {size} recorded"
-        if sha and integrity.digest(path) != sha:
+            return f"{path}: missing", {}
+        if path.stat().st_size != entry["bytes"]:
+            return f"{path}: {path.stat().st_size} bytes, {entry['bytes']} recorded", {}
+    return "", files
+
+
+def file_problem(path: Path, entry: dict) -> str:
+    """The costly half, for one file: its SHA-256 against the record's, and a ``.pt`` file opened without
+    running code (before DeepSpeed opens it)."""
+    try:  # an error here would leave the other ranks waiting: it is the file's problem, reported as such
+        if entry["sha256"] and integrity.digest(path) != entry["sha256"]:
             return f"{path}: content differs from the SHA-256 recorded when it was written (corrupted)"
-        if path.suffix == ".pt":  # checked before DeepSpeed opens it
-            try:
-                integrity.load(path, SAFE_GLOBALS, mmap=True)
-            except integrity.UnsafeFile as e:
-                return str(e)
-            except Exception as e:  # torch raises several types for a damaged archive
-                return f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    except OSError as e:
+        return f"{path}: unreadable ({e})"
+    if path.suffix == ".pt":
+        try:
+            integrity.load(path, SAFE_GLOBALS, mmap=True)
+        except integrity.UnsafeFile as e:
+            return str(e)
+        except Exception as e:  # torch raises several types for a damaged archive
+            return f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     return ""
+
+
+def problem(ckpt_dir: Path, tag: str) -> str:
+    """Why this checkpoint cannot be used, or '' if every recorded file is there with its size and SHA-256, in
+    this process alone (the tools; a run shares the work among its ranks: ``verify_on_all_ranks``)."""
+    why, files = recorded_files(ckpt_dir, tag)
+    for name, entry in files.items():
+        why = why or file_problem(ckpt_dir / tag / name, entry)
+    return why
 
 
 def newest_usable(ckpt_dir: Path) -> tuple[str, list[str]]:
@@ -136,6 +158,68 @@ def newest_usable(ckpt_dir: Path) -> tuple[str, list[str]]:
             return tag, warnings
         warnings.append(why)
     return "", warnings
+
+
+def share(files: dict, world: int, readers) -> dict:
+    """{name: the rank that verifies it}: each file goes to the least loaded (in bytes so far, largest files first)
+    of the ranks that will read it (``readers(name)``; any rank for a file no rank reads), so every rank reads
+    about as much and a file is read where its bytes are wanted next. The same on every rank."""
+    load, owner = [0] * world, {}
+    for name in sorted(files, key=lambda n: (-files[n]["bytes"], n)):
+        r = min([r for r in readers(name) if 0 <= r < world] or range(world), key=lambda r: (load[r], r))
+        owner[name] = r
+        load[r] += files[name]["bytes"]
+    return owner
+
+
+def verify_on_all_ranks(ckpt_dir: Path, tag: str, readers) -> str:
+    """``problem`` with its costly half shared by the ranks (``share``): rank 0 reads the record and checks the
+    sizes, each rank hashes and opens its share, and every rank gets the first problem found (in the record's
+    order; '' if none). Entered by every rank; run it under the checkpoint timeout (ranks wait for the slowest)."""
+    why, files = distributed.broadcast_from_rank0(recorded_files(ckpt_dir, tag) if _rank0() else None)
+    if why:
+        return why
+    owner = share(files, distributed.world(), readers)
+    mine = {name: file_problem(ckpt_dir / tag / name, files[name]) for name in files
+            if owner[name] == distributed.rank()}
+    found = {name: why for part in distributed.gather_objects(mine) for name, why in part.items() if why}
+    return next((found[name] for name in files if name in found), "")
+
+
+def rank_readers(world: int, ep_size: int, num_experts: int):
+    """``readers`` for ``share``: the ranks that load each file of a checkpoint in this run, DeepSpeed's files
+    (``deepspeed_contract.loading_ranks``) and each rank's own random states."""
+    def readers(name: str) -> list[int]:
+        own = re.fullmatch(r"rng_rank(\d+)\.pt", name)
+        return [int(own[1])] if own else loading_ranks(name, world, ep_size, num_experts)
+    return readers
+
+
+def restore_tokenizer(out_dir: Path) -> bool:
+    """True when the run folder holds a tokenizer sentencepiece reads, restored if need be (missing or damaged)
+    from the newest checkpoint's copy that matches its record; False when there is none, and none to restore
+    (then a new one is trained). A damaged one with no copy to restore raises ValueError saying what to do."""
+    path, ckpt_dir = out_dir / TOKENIZER, out_dir / "checkpoints"
+    damage = tokenizer_problem(path) if path.exists() else "missing"
+    if not damage:
+        return True
+    for tag in reversed(tags(ckpt_dir)):
+        copy = ckpt_dir / tag / TOKENIZER
+        try:
+            entry = json.loads((ckpt_dir / tag / RECORD).read_text())["files"][TOKENIZER]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            continue
+        if copy.exists() and integrity.digest(copy) == entry.get("sha256") and not tokenizer_problem(copy):
+            shutil.copyfile(copy, path.with_name(path.name + ".tmp"))
+            os.replace(path.with_name(path.name + ".tmp"), path)
+            distributed.log0(f"WARNING: {path}: {damage}; restored from {copy}, the copy saved with checkpoint "
+                             f"{tag} (its SHA-256 as recorded)")
+            return True
+    if damage == "missing":
+        return False
+    raise ValueError(f"{path}: {damage}, and no checkpoint in {ckpt_dir} holds a copy that matches its record. "
+                     "Restore the file from a backup; or, if this run has no checkpoint to continue from, delete "
+                     "it and a new one is trained")
 
 
 def read_record(ckpt_dir: Path, tag: str) -> Record:
@@ -197,7 +281,7 @@ def _restore_rng(state: dict):
 
 
 def load(engine, ckpt_dir: Path, tag: str, load_optimizer: bool = True) -> Record:
-    """Load a verified checkpoint (the caller picks it with ``newest_usable`` on rank 0 and broadcasts it).
+    """Load a verified checkpoint (the caller picks it with ``Checkpointer.newest_verified``).
     Without the optimizer, the learning-rate schedule is set to the checkpoint's step rather than restarted."""
     _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=load_optimizer,
                                        load_lr_scheduler_states=load_optimizer)
@@ -237,8 +321,9 @@ class Checkpointer:
         ``reset_optimizer`` (weights only); the learning-rate schedule then continues from the step. Config
         changes since the checkpoint are named: run-level ones are accepted, model-defining ones refused
         unless ``reset_optimizer`` and the weights still fit."""
-        newest, warnings, written = distributed.broadcast_from_rank0(  # one rank reads the disk; all decide alike
-            self._newest_with_record() if _rank0() else None)
+        with distributed.timeout(self.timeout_s):  # ranks wait for the slowest to hash its share of the files
+            newest, warnings = self.newest_verified(world_size, ep_size, project_config["moe"]["num_experts"])
+            written = distributed.broadcast_from_rank0(read_record(self.dir, newest) if newest and _rank0() else None)
         for w in warnings:
             distributed.log0(f"WARNING: skipping a damaged checkpoint: {w}")
         if not newest:
@@ -260,7 +345,8 @@ class Checkpointer:
                               "state cannot be re-partitioned; pass --reset_optimizer to continue from the weights "
                               "(experts are stored by global id) with a fresh optimizer")
         try:
-            record = load(self.engine, self.dir, newest, load_optimizer=not reset_optimizer)
+            with distributed.timeout(self.timeout_s):  # every rank reads its files: ranks wait for the slowest
+                record = load(self.engine, self.dir, newest, load_optimizer=not reset_optimizer)
         except (RuntimeError, FileNotFoundError, KeyError) as e:  # the weights do not fit the new model
             if not model:
                 raise
@@ -271,6 +357,13 @@ class Checkpointer:
                          + (" (optimizer reset)" if reset_optimizer else ""))
         return record
 
-    def _newest_with_record(self) -> tuple:
-        tag, warnings = newest_usable(self.dir)
-        return tag, warnings, read_record(self.dir, tag) if tag else None
+    def newest_verified(self, world_size: int, ep_size: int, num_experts: int) -> tuple[str, list[str]]:
+        """``newest_usable`` with each file verified by a rank that reads it (``verify_on_all_ranks``); the same
+        answer on every rank. Every rank enters."""
+        readers, warnings = rank_readers(world_size, ep_size, num_experts), []
+        for tag in reversed(distributed.broadcast_from_rank0(tags(self.dir) if _rank0() else None)):
+            why = verify_on_all_ranks(self.dir, tag, readers)
+            if not why:
+                return tag, warnings
+            warnings.append(why)
+        return "", warnings

@@ -135,7 +135,12 @@ class DataConfig(_Strict):
     max_duration: float = Field(20.0, description="longest utterance kept (seconds)")
     strict_data: bool = Field(False, description="refuse to start on any unusable row instead of skipping it")
     num_workers: int = Field(0, description="DataLoader workers per rank")
-    cache_features: bool = Field(True, description="keep features in memory (small corpora, no speed perturbation)")
+    features_on: Literal["loader", "device"] = Field(
+        "loader", description="where log-mel, normalisation and SpecAugment run: per utterance in the loader's CPU "
+                              "processes, or per batch on the rank's device (the loader then only decodes, speed-"
+                              "perturbs and draws the masks)")
+    cache_features: bool = Field(True, description="keep features in memory (small corpora, no speed perturbation; "
+                                                   "with features_on loader only: device mode caches nothing)")
     global_cmvn: str = Field("", description="statistics file of tools/compute_cmvn.py; empty: per utterance")
     specaugment: SpecAugmentConfig = Field(SpecAugmentConfig(), description="masks on training features")
     speed_perturb: list[float] = Field([], description="speed factors drawn per utterance, e.g. [0.9, 1.0, 1.1]")
@@ -159,9 +164,12 @@ class RunConfig(_Strict):
     collective_timeout_s: float = Field(
         300.0, description="a collective not completed within this many seconds is an error on every rank")
     checkpoint_timeout_s: float = Field(
-        1800.0, description="the collective timeout while a checkpoint is written (slow file systems)")
+        1800.0, description="the collective timeout while a checkpoint is written or read (slow file systems) and "
+                            "while rank 0 builds the corpus or the tokenizer")
     stop_grace_s: float = Field(
         60.0, description="after a stop request, seconds without progress before a stuck rank exits unsaved")
+    allow_cpu: bool = Field(
+        False, description="train on the CPU even where GPUs were allocated but torch sees none (else: exit 2)")
 
 
 class ProjectConfig(_Strict):

@@ -11,11 +11,10 @@ whole usage examples or, many more of them, the phrases of listed words within t
 build runs in a fresh process, so a rebuild is the same audio. The engines' silence beyond 0.1 s either side
 of a sentence is cut (``trim_silence``). Written as 16 kHz FLAC plus
 NeMo-style JSON-lines manifests, built in a temporary folder and renamed into place (one builder at a time,
-under a file lock): an interrupted build leaves no half corpus.
+under a lock, ``trainer.locks``): an interrupted build leaves no half corpus.
 """
 import ctypes
 import ctypes.util
-import fcntl
 import hashlib
 import json
 import os
@@ -34,6 +33,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
+from trainer import locks
 from trainer.audio import SAMPLE_RATE, load_audio, resample
 from trainer.text import normalize
 
@@ -265,8 +265,7 @@ def build_corpus(out_dir: str, train_sentences: int, seed: int = 0, workers: int
         raise ValueError("phrases are runs of a word list's words: give a word list (words > 0)")
     out = Path(out_dir).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(out.name + ".lock"), "w") as lock:  # one builder at a time; others then reuse
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locks.acquire(out.with_name(out.name + ".lock"), wait=True):  # one builder at a time; others reuse
         return _build(out, train_sentences, seed, workers, words, text)
 
 

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from trainer.config import DataConfig
-from trainer.features import Normalizer, SpecAugment, log_mel, speed_perturb
+from trainer.features import Features, speed_perturb
 from trainer.sources import Utterance, load_utterance, read_shard, shard_files
 from trainer.text import Tokenizer
 
@@ -26,7 +26,9 @@ STAND_IN_FRAMES = 8
 
 class SpeechDataset(Dataset):
     """Features and labels of utterances. Features are cached when the data config allows (small corpora,
-    no speed perturbation); SpecAugment and speed perturbation apply to training sets only.
+    no speed perturbation, computed in the loader); SpecAugment and speed perturbation apply to training sets
+    only. Where the features are computed, in the loader or on the rank's device, is up to ``self.features``
+    (``trainer.features.Features``); ``on_device`` readies a batch for the model.
 
     An item is named by its index into ``utts``, or, for a training set read lazily from shards (``shards``),
     carried whole as (key, utterance); the key seeds its augmentation."""
@@ -35,53 +37,56 @@ class SpeechDataset(Dataset):
                  seed: int = 0, shards: Optional["ShardSet"] = None):
         self.utts, self.shards, self.tokenizer, self.n_mels = utts, shards, tokenizer, n_mels
         self.seed, self.epoch = seed, 0  # augmentation is a function of (seed, epoch, utterance) alone
-        self.normalize = Normalizer(data.global_cmvn)
-        masks = data.specaugment.freq_masks + data.specaugment.time_masks
-        self.augment = SpecAugment(data.specaugment) if train and masks else None
+        self.features = Features(data, n_mels, train)
         self.speeds = list(data.speed_perturb) if train else []
-        self.cache = {} if data.cache_features and not self.speeds else None
+        cacheable = data.cache_features and not self.speeds and data.features_on == "loader"
+        self.cache = {} if cacheable else None
 
     def __len__(self):
         return len(self.utts)
 
-    def features(self, i: int, utt: Utterance) -> torch.Tensor:
+    def load(self, i: int, utt: Utterance) -> torch.Tensor:
+        """What the loader makes of an utterance (``Features.host``). Speed perturbation stays in the loader
+        whatever ``data.features_on`` says: it changes the length, which the host needs for the frame counts
+        and the time masks, and resampling one decoded waveform there is cheap."""
         wave = load_utterance(utt)
         if self.speeds:
             wave = speed_perturb(wave, random.Random(f"{self.seed}:{self.epoch}:{i}").choice(self.speeds))
-        return self.normalize(log_mel(wave, self.n_mels))
+        return self.features.host(wave)
 
     def __getitem__(self, item):
+        """(signal, targets, key, (freq masks, time masks)): the signal as ``Features.host`` makes it, masked in
+        loader mode; None when the audio cannot be decoded."""
         i, utt = item if isinstance(item, tuple) else (item, self.utts[item])
         try:
-            feats = self.cache[i] if self.cache is not None and i in self.cache else self.features(i, utt)
+            x = self.cache[i] if self.cache is not None and i in self.cache else self.load(i, utt)
         except Exception as e:  # any decoding failure skips the utterance; the run goes on
             print(f"skipping {utt.origin}: audio {utt.audio} unreadable ({e})", file=sys.stderr, flush=True)
             return None
         if self.cache is not None:
-            self.cache[i] = feats
-        if self.augment is not None:
-            # Its own seed, not the global stream: the same masks whatever the worker count or a resume. Only the
-            # CPU generator is seeded (and restored): torch.manual_seed would also reseed every GPU's generator,
-            # which fork_rng(devices=[]) does not restore, and on a CPU machine it formats a stack trace per call.
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
-                feats = self.augment(feats)
-        return feats, torch.tensor(self.tokenizer.encode(utt.text), dtype=torch.long), i
+            self.cache[i] = x
+        x, masks = self.features.masked(x, hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+        return x, torch.tensor(self.tokenizer.encode(utt.text), dtype=torch.long), i, masks
 
     def collate(self, items) -> dict:
-        """Pad to the longest member. ``weight`` is 0 for the stand-in of an all-failed batch."""
+        """Pad to the longest member (the feature keys: ``Features``). ``weight`` is 0 for the stand-in of an
+        all-failed batch."""
         good = [it for it in items if it is not None]
         weight = 1.0
         if not good:
-            good, weight = [(torch.zeros(STAND_IN_FRAMES, self.n_mels), torch.tensor([1]), -1)], 0.0
+            silence, masks = self.features.silence(STAND_IN_FRAMES)
+            good, weight = [(silence, torch.tensor([1]), -1, masks)], 0.0
         pad = torch.nn.utils.rnn.pad_sequence
-        return {"feats": pad([f for f, _, _ in good], batch_first=True),
-                "lengths": torch.tensor([len(f) for f, _, _ in good]),
-                "targets": pad([t for _, t, _ in good], batch_first=True),
-                "target_lengths": torch.tensor([len(t) for _, t, _ in good]),
-                "index": torch.tensor([i for _, _, i in good]),
+        return {**self.features.pad([s for s, _, _, _ in good], [m for _, _, _, m in good]),
+                "targets": pad([t for _, t, _, _ in good], batch_first=True),
+                "target_lengths": torch.tensor([len(t) for _, t, _, _ in good]),
+                "index": torch.tensor([i for _, _, i, _ in good]),
                 "weight": torch.full((len(good),), weight),
                 "skipped": len(items) - (len(good) if weight else 0)}
+
+    def on_device(self, batch: dict, device) -> dict:
+        """The batch ready for the model on ``device`` (``Features.on_device``)."""
+        return self.features.on_device(batch, device)
 
 
 def length_batches(utts: list[Utterance], max_frames: int) -> list[list[int]]:
@@ -104,12 +109,9 @@ def padding_fraction(utts: list[Utterance], batches: list[list[int]]) -> float:
     return 1.0 - real / max(padded, 1)
 
 
-def shard(batches: list, rank: int, world: int, fill: bool) -> list:
-    """This rank's share; every rank gets the same count. fill=False drops the remainder (training);
-    fill=True pads with repeats of the last batch, returned as (batch, is_filler) pairs (evaluation)."""
-    if not fill:
-        n = len(batches) // world
-        return batches[rank:n * world:world]
+def shard(batches: list, rank: int, world: int) -> list:
+    """This rank's share of an evaluation's batches as (batch, is_filler) pairs: every rank gets the same
+    count, the shorter shares padded with repeats of the last batch."""
     n = -(-len(batches) // world)
     mine = batches[rank::world]
     return [(b, False) for b in mine] + [(batches[-1], True)] * (n - len(mine))
@@ -122,11 +124,12 @@ class SamplerState:
     position: int = 0  # batches of this epoch already taken by this rank
 
 
-def train_batches(utts, max_frames: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
-    """The batches of one epoch for one rank, shuffled deterministically from (seed, epoch)."""
+def train_batches(utts, max_frames: int, seed: int, epoch: int, rank: int) -> list[list[int]]:
+    """The batches of one epoch of a rank's own utterances (each rank reads its share of the rows:
+    ``sources.in_share``), shuffled deterministically from (seed, epoch, rank)."""
     batches = length_batches(utts, max_frames)
-    random.Random(seed * 1000003 + epoch).shuffle(batches)
-    return shard(batches, rank, world, fill=False)
+    random.Random(seed * 1000003 + epoch + 100003 * rank).shuffle(batches)
+    return batches
 
 
 class ShardSet:
@@ -185,7 +188,7 @@ def epoch_batches(dataset: SpeechDataset, max_frames: int, seed: int, epoch: int
     planned in memory. Skipping reads no audio."""
     if dataset.shards:
         return islice(dataset.shards.batches(max_frames, seed, epoch, rank, world), start, None)
-    return iter(train_batches(dataset.utts, max_frames, seed, epoch, rank, world)[start:])
+    return iter(train_batches(dataset.utts, max_frames, seed, epoch, rank)[start:])
 
 
 def tokenizer_sample(utts: list[Utterance], shards: Optional[ShardSet], limit: int, seed: int) -> list[str]:

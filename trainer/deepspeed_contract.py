@@ -6,9 +6,13 @@ When the DeepSpeed pin moves, check each item against the new source (``deepspee
 * ``deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"]``: switching it off before ``init_distributed``
   skips a JIT C++ build that only inference all-reduce uses (``comm/torch.py`` builds it at start-up).
 * ``MoE.deepspeed_moe`` is the ``MOELayer``; its ``gate`` and ``experts`` attributes are replaced by ours;
-  ``Experts.__init__`` marks expert parameters (``allreduce = False``, ``group_name``) and holds them in
-  ``experts.deepspeed_experts`` (a ``ModuleList`` of deep copies of one module); ``MOELayer`` calls
-  ``experts(buffer)`` with the dispatched buffer shaped [ep_size, num_local_experts, capacity, d_model].
+  an expert parameter is one with ``allreduce = False`` and a ``group_name`` (what ``Experts.__init__``
+  marks; ``GroupedExperts`` marks its stacked tensors so); ``MOELayer`` calls ``experts(buffer)`` with the
+  dispatched buffer shaped [ep_size, num_local_experts, capacity, d_model].
+* The engine saves and loads experts through ``module.state_dict()`` / ``load_state_dict`` of the ``MoE``
+  module, picking keys by ``.deepspeed_moe.experts.deepspeed_experts.<local id>.`` (``_save_moe_checkpoint``,
+  ``load_moe_state_dict``) and cloning each tensor it writes; ``GroupedExperts``' state-dict hooks present its
+  stacked tensors under those names.
 * ``MOELayer.forward`` calls ``gate(tokens, used_token, sparse_routes=True, use_tutel)`` and passes the
   ``used_token`` argument of ``MoE.forward`` through untouched (we pass a ``RouteCall`` in it); the gate returns
   the 7-tuple ``(l_aux, capacity, num_experts, indices [k, S] int32 with -1 for a dropped route, locations
@@ -16,8 +20,8 @@ When the DeepSpeed pin moves, check each item against the new source (``deepspee
 * ``TopKGate`` (its ``wg``, ``k``, ``capacity_factor``, ``min_capacity``, ``drop_tokens``,
   ``noisy_gate_policy``, ``top2_2nd_expert_sampling`` attributes and ``_set_ep_group``), ``gumbel_rsample`` and
   ``multiplicative_jitter`` in ``moe/sharded_moe.py``.
-* Parameter names: an expert's parameters are named ``...deepspeed_experts.<j>....`` (local index j in the
-  engine, global id in the checkpoint files).
+* State-dict names: an expert's tensors are named ``...deepspeed_experts.<j>....`` (local index j in the
+  engine's state dict, global id in the checkpoint files).
 * Checkpoint files: ``mp_rank_00_model_states.pt`` holds the non-expert weights and the client state, and
   ``layer_{L}_expert_{E}_mp_rank_00_model_states.pt`` one expert by MoE-layer index and *global* expert id,
   whatever the ep_size.
@@ -28,6 +32,11 @@ When the DeepSpeed pin moves, check each item against the new source (``deepspee
   path)``, ``load(path, map_location)``; ``load_moe_state_dict`` is handed the engine's), a
   ``TorchCheckpointEngine`` unless the config asks for another. Its optimizer files hold, besides tensors and
   containers, ``LossScaler``/``DynamicLossScaler``, ``ZeroStageEnum`` and ``fragment_address``.
+* Which rank reads which checkpoint file in ``load_checkpoint`` (``loading_ranks``): every rank the dense states
+  ``mp_rank_00_model_states.pt``; the ranks of ep rank r the expert files of the global ids ``r * n_local ...``
+  (``load_moe_state_dict``); rank i alone ``[bf16_]zero_pp_rank_i_mp_rank_00_optim_states.pt`` (non-elastic
+  ZeRO 1/2: ``_get_all_zero_checkpoint_state_dicts`` loads only its own dp rank's file); the ranks of ep rank r
+  ``expp_rank_r_...optim_states.pt`` (no ZeRO).
 * ``config.deepspeed_keys`` reads DeepSpeed's source for the names of its config keys.
 * On one node, the ``deepspeed`` runner starts ``python -m deepspeed.launcher.launch`` and waits for it,
   forwarding no signal; the launcher starts the ranks, forwards SIGTERM/SIGINT to them, SIGKILLs them 30 s
@@ -48,8 +57,10 @@ __all__ = ["TopKGate", "gumbel_rsample", "multiplicative_jitter"]  # re-exported
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_" + re.escape(MODEL_STATES))
-EXPERT_PARAM = re.compile(r"\.deepspeed_experts\.(\d+)\.")  # in a parameter name: the expert's (local) index
+EXPERT_PARAM = re.compile(r"\.deepspeed_experts\.(\d+)\.")  # in a state-dict name: the expert's index
 SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]  # plain data in optimizer files
+ZERO_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt")
+EXPP_FILE = re.compile(r"expp_rank_(\d+)_mp_rank_\d+_optim_states\.pt")
 
 
 class VerifiedCheckpointEngine(TorchCheckpointEngine):
@@ -109,13 +120,27 @@ def gate_of(moe):
 
 
 def local_experts(moe):
-    """This rank's experts of a DeepSpeed ``MoE`` layer, in local order."""
-    return moe.deepspeed_moe.experts.deepspeed_experts
+    """This rank's experts of a DeepSpeed ``MoE`` layer (a ``GroupedExperts`` once installed)."""
+    return moe.deepspeed_moe.experts
 
 
 def ep_rank(rank: int, ep_size: int) -> int:
     """A rank's place in its expert-parallel group: its local experts are global ``ep_rank * n_local + j``."""
     return rank % ep_size
+
+
+def loading_ranks(name: str, world: int, ep_size: int, num_experts: int) -> list[int]:
+    """The ranks of a run (``world`` ranks, ``ep_size``) that read the checkpoint file ``name`` when DeepSpeed
+    loads the checkpoint; [] for a file DeepSpeed does not read (the trainer's own, or another layout's)."""
+    n_local = max(1, num_experts // ep_size)
+    if name == MODEL_STATES:
+        return list(range(world))
+    expert, zero, expp = EXPERT_FILE.fullmatch(name), ZERO_FILE.fullmatch(name), EXPP_FILE.fullmatch(name)
+    if expert:
+        return [r for r in range(world) if ep_rank(r, ep_size) == int(expert[2]) // n_local]
+    if expp:
+        return [r for r in range(world) if ep_rank(r, ep_size) == int(expp[1])]
+    return [int(zero[1])] if zero and int(zero[1]) < world else []
 
 
 def set_schedule_position(lr_scheduler, steps: int):

@@ -11,11 +11,14 @@ Two rules keep multi-rank runs from crashing or hanging:
 
 Nothing else in the package calls ``torch.distributed`` directly; DeepSpeed's engine makes its own calls.
 """
+import glob
 import os
 import re
 import sys
+import warnings
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Callable, Optional
 
 import deepspeed
@@ -25,11 +28,69 @@ import torch.distributed as dist
 from trainer.deepspeed_contract import skip_shm_comm_build
 
 
+SLURM_GPU_VARIABLES = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE")
+# The oldest Linux driver each CUDA major version of a torch build runs on (CUDA's minor version compatibility).
+MIN_DRIVER = {13: "580.65", 12: "525.60", 11: "450.80"}
+
+
+def allocated_gpus(under_deepspeed_launcher: bool) -> dict:
+    """The signs that this process was given GPUs: SLURM's GPU variables, NVIDIA device files, and
+    CUDA_VISIBLE_DEVICES unless DeepSpeed's launcher set it (it does, even on its CPU accelerator)."""
+    names = SLURM_GPU_VARIABLES + (() if under_deepspeed_launcher else ("CUDA_VISIBLE_DEVICES",))
+    found = {k: os.environ[k].strip() for k in names if _names_gpus(k, os.environ.get(k, "").strip())}
+    devices = sorted(glob.glob("/dev/nvidia[0-9]*"))
+    return {**found, **({"devices": " ".join(devices)} if devices else {})}
+
+
+def missing_gpus(under_deepspeed_launcher: bool) -> str:
+    """Why this process would train on the CPU although GPUs were allocated to it ('' when it would not):
+    a torch built for a newer CUDA than the driver supports finds no device, and DeepSpeed then quietly picks
+    its CPU accelerator and gloo."""
+    allocated = allocated_gpus(under_deepspeed_launcher)
+    if not allocated:
+        return ""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            return ""
+    cuda = torch.version.cuda
+    major = int(cuda.split(".")[0]) if cuda else 0
+    needs = f"an NVIDIA driver >= {MIN_DRIVER[major]}" if major in MIN_DRIVER else "a matching NVIDIA driver"
+    driver = Path("/proc/driver/nvidia/version")
+    found = driver.read_text().splitlines()[0].strip() if driver.exists() else "no NVIDIA kernel driver loaded"
+    said = "; ".join(str(w.message).strip() for w in caught)
+    build = f"torch {torch.__version__} built for CUDA {cuda}" if cuda else f"torch {torch.__version__}, a CPU-only build"
+    return (f"GPUs were allocated ({', '.join(f'{k}={v}' for k, v in allocated.items())}) but {build} sees no "
+            f"usable CUDA device{f' ({said})' if said else ''}. This build needs {needs}; this node: {found}. "
+            "Install the torch build for your driver's CUDA version (https://pytorch.org/get-started/locally), "
+            "or set omni_router.run.allow_cpu true to train on the CPU on purpose.")
+
+
+def _names_gpus(variable: str, value: str) -> bool:
+    return value not in ("", "-1", "NoDevFiles") and not (variable == "SLURM_GPUS_ON_NODE" and value == "0")
+
+
+def device_index(local_rank: int, visible: str) -> int:
+    """This rank's accelerator index on its node, from ``LOCAL_RANK`` and ``CUDA_VISIBLE_DEVICES`` (``visible``,
+    '' when unset). A task that sees exactly one device (``srun --gpus-per-task=1``, a site's ``--gpu-bind``) uses
+    it, index 0, whatever its local rank; a task that sees all of the node's devices takes its local rank."""
+    hidden = visible.strip() in ("", "-1", "NoDevFiles")
+    devices = [] if hidden else [d for d in visible.split(",") if d.strip()]
+    if len(devices) == 1:
+        return 0
+    if devices and not 0 <= local_rank < len(devices):
+        raise ValueError(f"LOCAL_RANK={local_rank} but CUDA_VISIBLE_DEVICES={visible} names {len(devices)} "
+                         "device(s): start at most one task per visible GPU on a node, or give each task a GPU "
+                         "of its own (srun --gpus-per-task=1)")
+    return local_rank
+
+
 def init(timeout_s: float = 300.0) -> tuple[int, int]:
     """Join the process group the launcher describes (deepspeed, torchrun or srun env); return (rank, world).
     A collective that does not complete within ``timeout_s`` raises on the ranks waiting in it."""
     # The accelerator device first: any collective, DeepSpeed's own included, must find it set.
-    deepspeed.get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.get_accelerator().set_device(device_index(int(os.environ.get("LOCAL_RANK", "0")),
+                                                        os.environ.get("CUDA_VISIBLE_DEVICES", "")))
     # The shared-memory op serves only inference all-reduce; skipping it saves a minute of g++ per fresh node.
     skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name(),
@@ -129,24 +190,23 @@ def on_rank0(fn: Callable, errors=(OSError, ValueError, RuntimeError)) -> str:
     return broadcast_from_rank0(message)
 
 
-def group_max(value: int, group) -> int:
-    """The largest ``value`` over a process group (one all-reduce; a host sync)."""
-    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+def group_max(value: torch.Tensor, group) -> int:
+    """The largest of a one-element integer tensor over a process group, read on the host: one all-reduce
+    when the group has more than one rank, and one host read (a sync where the value is on an accelerator)."""
+    t = value.reshape(1).to(device(), torch.int64)
+    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return int(t.item())
 
 
 def sum_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keyed all-reduce: every tensor summed over the ranks in one collective (float64 on the collective
-    device), returned on the CPU in the same shapes. Every rank must pass the same keys and shapes."""
+    """Keyed all-reduce: every tensor summed over the ranks in one collective, returned in float64 on the
+    collective device (``device()``), in the same shapes. No host sync: a caller that needs a value on the host
+    reads it. Every rank must pass the same keys and shapes."""
     keys = sorted(values)
-    flat = torch.cat([values[k].detach().reshape(-1).to(torch.float64).cpu() for k in keys])
+    flat = torch.cat([values[k].detach().reshape(-1).to(device(), torch.float64) for k in keys])
     if world() > 1:
-        on_device = flat.to(device())
-        dist.all_reduce(on_device)
-        flat = on_device.cpu()
+        dist.all_reduce(flat)
     out, at = {}, 0
     for k in keys:
         n = values[k].numel()

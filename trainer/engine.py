@@ -49,12 +49,11 @@ def build_engine(ds_config: dict, project: ProjectConfig, model: CTCModel):
 
 
 def forward(engine, batch: dict) -> tuple[ModelOutput, torch.Tensor, torch.Tensor]:
-    """(model output, [B] weighted CTC sums, real encoder frames) of one batch on the engine's device."""
-    dev = engine.device
-    out = engine(batch["feats"].to(dev), batch["lengths"].to(dev))
-    weight = batch["weight"].to(dev)
-    ctc = objective.ctc_sums(out, batch["targets"].to(dev), batch["target_lengths"].to(dev), weight)
-    return out, ctc, objective.real_frames(out, weight)
+    """(model output, [B] weighted CTC sums, real encoder frames) of one batch as ``SpeechDataset.on_device``
+    leaves it: features and targets on the engine's device, lengths and weights on the host."""
+    out = engine(batch["feats"], batch["lengths"], batch["weight"] > 0)
+    ctc = objective.ctc_sums(out, batch["targets"], batch["target_lengths"], batch["weight"])
+    return out, ctc, objective.real_frames(out, batch["weight"])
 
 
 def step_loss(engine, project: ProjectConfig, batch: dict, stop_requested: bool = False, last: bool = False):
@@ -62,5 +61,5 @@ def step_loss(engine, project: ProjectConfig, batch: dict, stop_requested: bool 
     all-reduce (frame and routing counts, non-finite, stop and last-batch flags), entered by every rank."""
     out, ctc, frames = forward(engine, batch)
     ctc_sum = ctc.sum()
-    totals = objective.step_totals(out, frames, bool(torch.isfinite(ctc_sum)), stop_requested, last)
+    totals = objective.step_totals(out, frames, ctc_sum, stop_requested, last)
     return objective.loss(ctc_sum, out, totals, project.moe, distributed.world()), out, totals

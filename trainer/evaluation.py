@@ -26,9 +26,10 @@ def evaluate_set(engine, dataset: SpeechDataset, tokenizer, max_frames: int, wor
     ``routing``."""
     rank, world = distributed.rank(), distributed.world()
     engine.eval()
-    mine = shard(length_batches(dataset.utts, max_frames), rank, world, fill=True)
+    mine = shard(length_batches(dataset.utts, max_frames), rank, world)
     rows, ctc_total, frames_total = [], 0.0, 0.0
     for (ids, filler), batch in zip(mine, loader(dataset, [ids for ids, _ in mine], workers)):
+        batch = dataset.on_device(batch, engine.device)
         out, ctc, frames = forward(engine, batch)
         if progress:
             progress()

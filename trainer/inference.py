@@ -53,7 +53,8 @@ class Recognizer:
         for batch in loader(dataset, length_batches(utts, max_frames), workers):
             if not batch["weight"].any():  # every file of this batch failed to decode
                 continue
-            out = self.model(batch["feats"].to(self.device), batch["lengths"].to(self.device))
+            batch = dataset.on_device(batch, self.device)
+            out = self.model(batch["feats"], batch["lengths"])
             yield batch["index"].tolist(), out
 
     def transcribe(self, utts: list[Utterance], max_frames: Optional[int] = None, workers: int = 0) -> dict:

@@ -127,7 +127,8 @@ class Trainer:
             self.state.position += 1
             skipped += batch["skipped"]
             self.phase = f"training step {engine.global_steps + 1}"
-            result = self.train_step(batch, self.meter, bool(stop.received), last)
+            ready = self.train_set.on_device(batch, engine.device)  # features on the device (data.features_on)
+            result = self.train_step(ready, self.meter, bool(stop.received), last)
             if result.last:
                 report_skipped(skipped, self.state.epoch)
                 self.state.epoch, self.state.position = self.state.epoch + 1, 0
@@ -159,7 +160,9 @@ class Trainer:
 
         A non-finite loss on any rank skips the batch on every rank before backward. A non-finite gradient
         with a finite loss is caught by DeepSpeed's ZeRO optimizer, which skips the step on every rank (the
-        global norm is reduced over expert and non-expert groups alike); it is counted here the same way."""
+        global norm is reduced over expert and non-expert groups alike); it is counted here the same way.
+        ``batch`` as ``SpeechDataset.on_device`` readies it. Host syncs: the step's outcome (``step_totals``),
+        the capacity's frame count or the split sizes (``trainer.host_syncs``), and DeepSpeed's in ``step``."""
         engine = self.engine
         loss, out, totals = step_loss(engine, self.project, batch, stop_requested, last)
         boundary = engine.is_gradient_accumulation_boundary()  # DeepSpeed advances it in step()

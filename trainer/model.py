@@ -46,18 +46,19 @@ class DenseFeedForward(nn.Sequential):
     def __init__(self, d_model: int, ffn_dim: int):
         super().__init__(*feed_forward(d_model, ffn_dim))
 
-    def forward(self, x: torch.Tensor, real: torch.Tensor, max_frames: int):
+    def forward(self, x: torch.Tensor, routed: torch.Tensor, max_frames: int):
         return super().forward(x), None
 
 
 class MoEFeedForward(nn.Module):
     """DeepSpeed's MoE layer with our gate and grouped experts swapped in: (x, real) -> (y, RoutingStats).
 
-    Capacity mode runs DeepSpeed's MOELayer (capacity buffer, all-to-all of equal shapes) with the local
-    experts computed as one batched matmul; ``moe.dropless`` computes exactly the routed frames instead
-    (``experts.dropless_moe``). DeepSpeed deep-copies one expert module, so every expert would start equal;
-    each local expert is re-initialised from (seed, layer, global expert id) instead, so the experts differ from
-    step 0 and the model is the same whatever the ep_size (experts live on ranks ep_rank * n_local + j)."""
+    Capacity mode runs DeepSpeed's MOELayer (capacity buffer, all-to-all of equal shapes) in training;
+    ``moe.dropless`` computes exactly the routed frames instead (``experts.dropless_moe``), and so does every
+    evaluation (nothing is dropped there, so the two are equal, and dropless needs no capacity from the host).
+    DeepSpeed deep-copies one expert module, so every expert would start equal; each local expert is
+    initialised from (seed, layer, global expert id) instead, so the experts differ from step 0 and the model
+    is the same whatever the ep_size (experts live on ranks ep_rank * n_local + j)."""
 
     def __init__(self, d_model: int, ffn_dim: int, moe: MoEConfig, ep_size: int, ep_rank: int, gate: RouterGate,
                  init_key: str):
@@ -66,24 +67,24 @@ class MoEFeedForward(nn.Module):
         self.moe = MoE(d_model, feed_forward(d_model, ffn_dim), num_experts=moe.num_experts, ep_size=ep_size,
                        k=moe.top_k, use_rts=False, drop_tokens=moe.drop_tokens)
         install_gate(self.moe, gate)
-        install_experts(self.moe, GroupedExperts(feed_forward(d_model, ffn_dim), moe.num_experts // ep_size,
-                                                 self.moe.expert_group_name))
-        local = local_experts(self.moe)
-        for j, expert in enumerate(local):
-            seed = zlib.crc32(f"{init_key}:expert{ep_rank * len(local) + j}".encode())
+        n_local = moe.num_experts // ep_size
+        experts = GroupedExperts(d_model, ffn_dim, n_local, self.moe.expert_group_name)
+        for j in range(n_local):
+            seed = zlib.crc32(f"{init_key}:expert{ep_rank * n_local + j}".encode())
             with torch.random.fork_rng(devices=[]):  # the CPU generator alone: GPUs' streams stay untouched
                 torch.default_generator.manual_seed(seed)
-                for layer in expert:
-                    if isinstance(layer, nn.Linear):
-                        layer.reset_parameters()
+                experts.init_expert(j, feed_forward(d_model, ffn_dim))  # nn.Linear's own initialisation
+        install_experts(self.moe, experts)
 
     @property
     def gate(self) -> RouterGate:
         return gate_of(self.moe)
 
-    def forward(self, x: torch.Tensor, real: torch.Tensor, max_frames: int):
-        call = RouteCall(real.reshape(-1), max_frames, dropless=self.dropless)
-        if not self.dropless:
+    def forward(self, x: torch.Tensor, routed: torch.Tensor, max_frames: int):
+        """x [B, T, D], routed [B, T] (frames to route) -> (y [B, T, D], RoutingStats); unrouted frames get 0."""
+        dropless = self.dropless or not self.training
+        call = RouteCall(routed.reshape(-1), max_frames, dropless=dropless)
+        if not dropless:
             y, _, _ = self.moe(x, call)
             return y, call.stats
         x_SD = x.reshape(-1, x.shape[-1])
@@ -104,18 +105,20 @@ class Block(nn.Module):
         self.ffn = ffn
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, real: torch.Tensor, max_frames: int, causal_mask=None):
+    def forward(self, x: torch.Tensor, real: torch.Tensor, routed: torch.Tensor, max_frames: int, causal_mask=None):
+        """x [B, T, D]; real [B, T] (attended frames); routed [B, T] (the real frames of utterances that carry
+        loss: the only ones the MoE routes and counts)."""
         h = self.ln_attn(x)
         h, _ = self.attn(h, h, h, key_padding_mask=~real, attn_mask=causal_mask, need_weights=False)
         x = x + self.drop(h)
-        h, stats = self.ffn(self.ln_ffn(x), real, max_frames)
+        h, stats = self.ffn(self.ln_ffn(x), routed, max_frames)
         return x + self.drop(h), stats
 
 
 @dataclass
 class ModelOutput:
     log_probs: torch.Tensor  # [B, T', V+1]
-    lengths: torch.Tensor  # [B] valid encoder frames
+    lengths: torch.Tensor  # [B] valid encoder frames, on the device of the input lengths (the host in training)
     routing: list[RoutingStats]  # one per MoE layer, in depth order (empty for dense)
 
 
@@ -175,26 +178,29 @@ class CTCModel(nn.Module):
         return list({id(g): g for g in gates}.values())
 
     def frontend(self, feats: torch.Tensor, lengths: torch.Tensor):
-        """Stack ``frame_stacking`` frames into one step; frames past each length are zeroed first, so
+        """feats [B, T, n_mels], lengths [B] (input frames, on the host) -> (x [B, T', D], encoder lengths [B] on
+        the lengths' device, real [B, T'] on the features' device). Frames past each length are zeroed first, so
         whatever a batch holds in its padding never reaches a real step."""
         B, T, F_ = feats.shape
         feats = feats.to(self.input_proj.weight.dtype)  # fp32 features into a bf16 (or fp16) engine's weights
-        feats = feats * (torch.arange(T, device=feats.device) < lengths.unsqueeze(1)).unsqueeze(-1).to(feats.dtype)
+        on_device = lengths.to(feats.device)  # a copy to the device, not a sync
+        feats = feats * (torch.arange(T, device=feats.device) < on_device.unsqueeze(1)).unsqueeze(-1).to(feats.dtype)
         pad = (-T) % self.stack
         feats = F.pad(feats, (0, 0, 0, pad))
         x = self.input_proj(feats.reshape(B, (T + pad) // self.stack, F_ * self.stack))
         out_lengths = torch.div(lengths + self.stack - 1, self.stack, rounding_mode="floor")
-        real = torch.arange(x.shape[1], device=x.device).unsqueeze(0) < out_lengths.unsqueeze(1)
+        real = torch.arange(x.shape[1], device=x.device).unsqueeze(0) < out_lengths.to(x.device).unsqueeze(1)
         return x, out_lengths, real
 
-    def max_frames(self, real: torch.Tensor) -> int:
-        """The largest real-frame count of one rank in the expert-parallel group, once per forward (the same for
-        every MoE layer): training capacity is sized from it. A host sync and, with experts on several ranks,
-        one all-reduce; none for dense."""
+    def max_frames(self, out_lengths: torch.Tensor, carries_loss: torch.Tensor) -> int:
+        """The largest routed-frame count of one rank in the expert-parallel group, once per forward (the same
+        for every MoE layer): training capacity is sized from it. One host read: of the host lengths on one rank,
+        of the group's all-reduced maximum (a sync) with experts on several; none for dense, dropless or
+        evaluation."""
         routers = self.routers()
         if not routers or not self.training or not self.moe_cfg.drop_tokens or self.moe_cfg.dropless:
             return 0
-        return distributed.group_max(int(real.sum()), routers[0].ep_group)
+        return distributed.group_max((out_lengths * carries_loss).sum(), routers[0].ep_group)
 
     def positions(self, real: torch.Tensor) -> torch.Tensor:
         """[B, T', d_model] positional embeddings for the encoder frames."""
@@ -203,15 +209,20 @@ class CTCModel(nn.Module):
         return sinusoids(torch.arange(real.shape[1], device=real.device), self.cfg.d_model).expand(
             real.shape[0], -1, -1)
 
-    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> ModelOutput:
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor, carries_loss: torch.Tensor = None) -> ModelOutput:
+        """feats [B, T, n_mels] on the model's device; lengths [B] input frames and carries_loss [B] bool (default:
+        all), both best on the host. Frames of utterances that carry no loss (the stand-in of an all-failed batch)
+        are attended but never routed nor counted by a router."""
         x, out_lengths, real = self.frontend(feats, lengths)
+        carries_loss = torch.ones_like(lengths, dtype=torch.bool) if carries_loss is None else carries_loss
+        routed = real & carries_loss.to(real.device).unsqueeze(1)
         x = self.drop(x + self.positions(real).to(x.dtype))
-        max_frames = self.max_frames(real)
+        max_frames = self.max_frames(out_lengths, carries_loss.to(out_lengths.device))
         T = x.shape[1]  # causal: True above the diagonal masks every later frame
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1) if self.cfg.causal else None
         routing = []
         for block in self.blocks:
-            x, stats = block(x, real, max_frames, causal)
+            x, stats = block(x, real, routed, max_frames, causal)
             if stats is not None:
                 routing.append(stats)
         logits = self.head(self.ln_out(x))

@@ -25,36 +25,40 @@ from trainer.model import BLANK, ModelOutput
 
 def ctc_sums(out: ModelOutput, targets: torch.Tensor, target_lengths: torch.Tensor,
              weight: torch.Tensor) -> torch.Tensor:
-    """[B] CTC negative log-likelihood of each utterance, times its weight (0 for a stand-in batch)."""
+    """[B] CTC negative log-likelihood of each utterance, times its weight (0 for a stand-in batch). The lengths
+    stay on the host (CUDA's CTC reads them there: a device copy would cost a sync)."""
     losses = F.ctc_loss(out.log_probs.transpose(0, 1), targets, out.lengths, target_lengths, blank=BLANK,
                         reduction="none", zero_infinity=True)
-    return losses * weight
+    return losses * weight.to(losses.device)
 
 
 def real_frames(out: ModelOutput, weight: torch.Tensor) -> torch.Tensor:
-    """Encoder frames that carry loss (a stand-in batch carries none)."""
-    return (out.lengths.to(weight.dtype) * weight).sum()
+    """Encoder frames that carry loss (a stand-in batch carries none), where the lengths are (the host)."""
+    return (out.lengths.to(weight.dtype) * weight.to(out.lengths.device)).sum()
 
 
 @dataclass
 class StepTotals:
-    """What every rank needs from all the others to normalise its loss (and two flags the ranks agree on)."""
-    frames: torch.Tensor  # N: real encoder frames of the micro-batch over all ranks
-    choice_counts_LE: torch.Tensor  # first-choice counts per MoE layer and expert over all ranks
+    """What every rank needs from all the others to normalise its loss (and flags the ranks agree on)."""
+    frames: float  # N: real encoder frames of the micro-batch over all ranks
+    choice_counts_LE: torch.Tensor  # first-choice counts per MoE layer and expert over all ranks (on the device)
     bad_loss: bool  # a non-finite loss on some rank
     stop: bool  # a stop requested on some rank
     last: bool  # some rank has no batch after this one: the epoch ends here for all
 
 
-def step_totals(out: ModelOutput, frames: torch.Tensor, loss_finite: bool, stop_requested: bool,
+def step_totals(out: ModelOutput, frames: torch.Tensor, ctc_sum: torch.Tensor, stop_requested: bool,
                 last: bool = False) -> StepTotals:
-    """One all-reduce per step: the global frame count, routing counts and the flags (a collective)."""
-    counts = torch.stack([s.choice_counts_E for s in out.routing]) if out.routing else frames.new_zeros(0, 0)
-    flags = torch.tensor([float(not loss_finite), float(stop_requested), float(last)])
-    total = distributed.sum_over_ranks({"frames": frames, "counts": counts, "flags": flags})
-    bad, stop, last = (bool(f > 0) for f in total["flags"])
-    return StepTotals(total["frames"].to(frames.device, frames.dtype),
-                      total["counts"].to(counts.device, torch.float32), bad, stop, last)
+    """One all-reduce per step (the global frame count, routing counts and the flags) and one host read of the
+    frame count and flags, which is where the host learns whether the loss was finite (a collective)."""
+    counts = torch.stack([s.choice_counts_E for s in out.routing]) if out.routing else ctc_sum.new_zeros(0, 0)
+    flags = torch.stack([(~torch.isfinite(ctc_sum.detach())).double(),
+                         torch.tensor(float(stop_requested), dtype=torch.float64, device=ctc_sum.device),
+                         torch.tensor(float(last), dtype=torch.float64, device=ctc_sum.device),
+                         frames.to(ctc_sum.device, torch.float64)])
+    total = distributed.sum_over_ranks({"counts": counts, "flags": flags})
+    bad, stop, last, frames = total["flags"].tolist()  # host sync: the step's one read of its own outcome
+    return StepTotals(frames, total["counts"].to(counts.device, torch.float32), bad > 0, stop > 0, last > 0)
 
 
 @dataclass
@@ -68,11 +72,11 @@ class Loss:
 
 def loss(ctc_sum: torch.Tensor, out: ModelOutput, totals: StepTotals, moe: MoEConfig, world: int) -> Loss:
     """The rank's share of the global per-frame objective; averaged over ranks it is the union batch's loss."""
-    share = world / totals.frames.clamp(min=1.0)
+    share = world / max(totals.frames, 1.0)
     ctc = ctc_sum * share
     lb = z = ctc.new_zeros(())
     for stats, counts_E in zip(out.routing, totals.choice_counts_LE):
-        f_E = counts_E / totals.frames.clamp(min=1.0)  # global, a constant: the gradient flows through P_e
+        f_E = counts_E / max(totals.frames, 1.0)  # global, a constant: the gradient flows through P_e
         lb = lb + len(f_E) * (f_E * stats.prob_sum_E).sum() * share
         z = z + stats.z_sum * share
     layers = max(len(out.routing), 1)

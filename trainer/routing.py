@@ -15,7 +15,8 @@ K choices, D model width):
    by router probability (highest first: batch-prioritised routing), padding never placed;
 4. ``train_capacity``: training drops what exceeds ``ceil(k * capacity_factor * frames / E)`` with ``frames`` the
    largest real-frame count in the expert-parallel group (one value for the forward, so every rank exchanges
-   buffers of one shape); evaluation never drops (capacity = the group's busiest expert);
+   buffers of one shape); with ``drop_tokens`` off, capacity is the group's busiest expert (nothing dropped);
+   evaluation never drops: it dispatches without capacity (``MoEFeedForward``, ``trainer.experts.dropless_moe``);
 5. ``gate_values``: the router probability of each kept choice (normalised over the two for top-2).
 
 The losses are not finished here: a call hands back the sums the objective needs (``RoutingStats``), and
@@ -23,7 +24,7 @@ The losses are not finished here: a call hands back the sums the objective needs
 """
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,7 @@ class RoutingStats:
     frames: torch.Tensor  # real frames (float)
     routes: torch.Tensor  # routes requested by real frames (frames * k)
     dropped: torch.Tensor  # of those, dropped by the capacity limit
-    capacity: int
+    capacity: Union[int, torch.Tensor]  # slots per expert; dropless: the busiest expert's count, on the device
 
     def lb_loss(self) -> torch.Tensor:
         """Switch load-balancing loss E * sum_e f_e * P_e over this call's frames alone (for telemetry)."""
@@ -136,11 +137,17 @@ def assign_slots(indices_KS: torch.Tensor, priority_KS: torch.Tensor, real_S: to
     key = torch.where(real_S.unsqueeze(0), key, torch.full_like(key, 2.0 * K + 1.0))
     order = torch.argsort(key.reshape(-1), stable=True)
     experts = indices_KS.reshape(-1)[order]
-    placed = F.one_hot(experts, num_experts) * real_S.repeat(K)[order].unsqueeze(1)
+    placed = _one_hot(experts, num_experts) * real_S.repeat(K)[order].unsqueeze(1)
     slot_sorted = ((placed.cumsum(0) - 1) * placed).sum(1) - (1 - placed.sum(1))  # -1 where not placed
     slots = torch.empty_like(slot_sorted)
     slots[order] = slot_sorted
     return slots.view(K, S)
+
+
+def _one_hot(ids: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[N, C] int64 one-hot of ids in [0, C) (``F.one_hot`` reads the ids' range on the host on some devices)."""
+    return torch.zeros(ids.numel(), num_classes, dtype=torch.int64, device=ids.device).scatter_(
+        1, ids.reshape(-1, 1), 1)
 
 
 def train_capacity(max_frames: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
@@ -148,9 +155,11 @@ def train_capacity(max_frames: int, num_experts: int, k: int, capacity_factor: f
     return max(math.ceil(max_frames / num_experts * capacity_factor * k), min_capacity, 1)
 
 
-def _counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[E] int64 routes per expert."""
-    return torch.bincount(experts.reshape(-1), minlength=num_experts)
+def _counts(experts: torch.Tensor, mask: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 count of the entries of ``experts`` where ``mask`` holds, per expert (sized by E, not by the
+    data: no host sync)."""
+    return torch.zeros(num_experts, dtype=torch.int64, device=experts.device).index_add_(
+        0, experts.reshape(-1), mask.reshape(-1).long())
 
 
 DROPLESS = -1  # route()'s capacity for the dropless dispatch: no buffer, nothing dropped, no collective
@@ -168,16 +177,16 @@ def route(logits_SE: torch.Tensor, real_S: torch.Tensor, k: int, capacity: Optio
     chosen_KS = chosen_probs(probs_SE, indices_KS)
     gates_KS = gate_values(chosen_KS)
     placed_KS = real_S.unsqueeze(0).expand_as(indices_KS)
-    placed_E = _counts(indices_KS[placed_KS], E)
-    if capacity == DROPLESS:  # no buffer: no places to assign, nothing dropped
-        capacity = max(int(placed_E.max()), 1)
+    placed_E = _counts(indices_KS, placed_KS, E)
+    if capacity == DROPLESS:  # no buffer: no places to assign, nothing dropped; the busiest expert, on the device
+        capacity = placed_E.max().clamp(min=1)
         kept_KS, slots_KS, kept_E = placed_KS, torch.zeros_like(indices_KS), placed_E
     else:
         if capacity is None:
-            capacity = max(distributed.group_max(int(placed_E.max()), ep_group), 1)
+            capacity = max(distributed.group_max(placed_E.max(), ep_group), 1)  # host sync (drop_tokens off)
         slots_KS = assign_slots(indices_KS, chosen_KS, real_S, E)
         kept_KS = placed_KS & (slots_KS < capacity)
-        kept_E = _counts(indices_KS[kept_KS], E)
+        kept_E = _counts(indices_KS, kept_KS, E)
     out_indices_KS = torch.where(kept_KS, indices_KS, torch.full_like(indices_KS, -1)).to(torch.int32)
     out_slots_KS = torch.where(kept_KS, slots_KS, torch.zeros_like(slots_KS)).to(torch.int32)
 
@@ -187,7 +196,7 @@ def route(logits_SE: torch.Tensor, real_S: torch.Tensor, k: int, capacity: Optio
     stats = RoutingStats(
         prob_sum_E=real_f @ probs_SE,
         z_sum=lse_S.square() @ real_f,
-        choice_counts_E=_counts(indices_KS[0][real_S], E).float(),
+        choice_counts_E=_counts(indices_KS[0], real_S, E).float(),
         kept_E=kept_E.detach(),
         entropy_sum=(-(probs_SE * log_probs_SE).sum(-1) @ real_f).detach(),
         first_choice_S=torch.where(real_S, indices_KS[0], torch.full_like(indices_KS[0], -1)).detach(),

@@ -4,18 +4,15 @@ With no data flags it trains on the embedded corpus (built on first use); manife
 flags. Rank 0 prepares shared files (corpus, tokenizer) while the others wait at a barrier.
 """
 import argparse
-import fcntl
 import json
-import os
 import shutil
-import socket
 import sys
-import time
 from pathlib import Path
 
 import deepspeed
+import torch
 
-from trainer import checkpoint, distributed
+from trainer import checkpoint, distributed, locks
 from trainer.checkpoint import ResumeError
 from trainer.config import (ConfigError, batch_plan, load_config, parse_assignment, resolve_ep_size, zero_for_world,
                             with_assignments)
@@ -27,17 +24,19 @@ from trainer.evaluation import EvaluationError
 from trainer.integrity import UnsafeFile
 from trainer.loop import Trainer, TrainingError
 from trainer.sources import DataError, read_sources, set_name
+from trainer.stopping import launcher_chain
 from trainer.text import Tokenizer
 
 LOCK = ".lock"  # in the output folder: who is writing into it
-_held = []  # the open lock file of this process
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     p.add_argument("--train_manifest", action="append", default=None,
-                   help="NeMo JSON-lines manifest (repeatable); default: the embedded corpus")
+                   help="NeMo JSON-lines manifest (repeatable); default: the embedded corpus. Any training source "
+                        "given here (manifest, cuts, shards) replaces every training source of the config, and "
+                        "any dev source every dev source")
     p.add_argument("--dev_manifest", action="append", default=None, help="dev manifest (repeatable)")
     p.add_argument("--train_cuts", action="append", default=None, help="Lhotse cut set for training (repeatable)")
     p.add_argument("--dev_cuts", action="append", default=None, help="Lhotse cut set, a dev set (repeatable)")
@@ -67,13 +66,21 @@ def parse_args(argv=None):
     return args
 
 
+SOURCE_KEYS = {split: [f"data.{split}_{kind}" for kind in ("manifests", "cuts", "shards", "hf")]
+               for split in ("train", "dev")}
+
+
 def load_project(args):
-    """The config file with the flags applied: the aliases first, then every ``--set`` in order."""
+    """The config file with the flags applied: the aliases first, then every ``--set`` in order. A data source
+    given on the command line replaces every source the config names for that split (train or dev)."""
     ds_config, project = load_config(args.deepspeed_config)
-    aliases = {"run.output_dir": args.output_dir, "run.max_steps": args.max_steps,
-               "data.train_manifests": args.train_manifest, "data.dev_manifests": args.dev_manifest,
+    sources = {"data.train_manifests": args.train_manifest, "data.dev_manifests": args.dev_manifest,
                "data.train_cuts": args.train_cuts, "data.dev_cuts": args.dev_cuts,
-               "data.train_shards": args.train_shards, "data.dev_shards": args.dev_shards,
+               "data.train_shards": args.train_shards, "data.dev_shards": args.dev_shards}
+    for keys in SOURCE_KEYS.values():
+        if any(sources.get(k) for k in keys):
+            sources.update({k: sources.get(k) or [] for k in keys})
+    aliases = {"run.output_dir": args.output_dir, "run.max_steps": args.max_steps, **sources,
                "data.corpus_dir": args.corpus_dir, "data.strict_data": args.strict_data}
     assignments = [(k.split("."), v) for k, v in aliases.items() if v is not None]
     return ds_config, with_assignments(project, assignments + [parse_assignment(a) for a in args.set])
@@ -87,26 +94,18 @@ def on_rank0(fn):
 
 
 def claim_output_dir(out: Path):
-    """An advisory lock on the output folder, held by rank 0 for the run's life (the kernel releases it when
-    the process ends, however it ends): a second run into the folder stops before writing anything.
-    Raises DataError naming the holder on every rank."""
+    """A lock on the output folder, held by rank 0 for the run's life (``trainer.locks``: flock, released by the
+    kernel however the process ends, or a lock file with heartbeat where the file system has no flock, removed
+    on the way out of ``main``): a second run into the folder stops before writing anything. Raises DataError
+    naming the holder and the kind of lock on every rank."""
 
     def take():
         out.mkdir(parents=True, exist_ok=True)
-        f = open(out / LOCK, "a+")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise ValueError(f"{out} is in use by another run ({holder}); wait for it to end, stop it, or choose "
+            locks.acquire(out / LOCK)  # held until the process ends
+        except locks.LockBusy as e:
+            raise ValueError(f"{out} is in use by another run ({e}); wait for it to end, stop it, or choose "
                              "another --output_dir") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-        _held.append(f)  # open until the process ends
 
     on_rank0(take)
 
@@ -142,7 +141,14 @@ def read_train_shards(data, manifests: list[str]) -> ShardSet:
 
 
 def prepare_data(project):
-    """Utterances (the embedded corpus unless given), the tokenizer made once by rank 0, and the datasets."""
+    """Utterances (the embedded corpus unless given), the tokenizer made once by rank 0, and the datasets.
+    Rank 0 may take minutes (a corpus build, a tokenizer on 200,000 texts): the others wait for it under
+    ``run.checkpoint_timeout_s``, not the collective timeout."""
+    with distributed.timeout(project.run.checkpoint_timeout_s):
+        return _prepare_data(project)
+
+
+def _prepare_data(project):
     data, out = project.data, Path(project.run.output_dir)
     train_m, dev_m = list(data.train_manifests), list(data.dev_manifests)
     if not (train_m or data.train_hf or data.train_cuts or data.train_shards):
@@ -155,20 +161,45 @@ def prepare_data(project):
         raise DataError("no dev set: pass --dev_manifest, --dev_cuts or --dev_shards (or omni_router.data.dev_hf)")
     options = dict(cuts_root=data.cuts_root, duration_cache=data.duration_cache)
     shards = read_train_shards(data, train_m) if data.train_shards else None
-    train, problems = read_sources(train_m, data.train_hf, data.max_duration, data.strict_data,
-                                   cuts=data.train_cuts, **options) if shards is None else ([], shards.problems)
-    report(problems, "train")
+    rank, world = distributed.rank(), distributed.world()
+
+    def read_train(share: tuple):
+        return read_sources(train_m, data.train_hf, data.max_duration, data.strict_data, cuts=data.train_cuts,
+                            share=share, **options)
+
+    # Each rank decodes and keeps only its share of the training rows (every world-th): start-up time and
+    # memory per rank fall with the number of ranks.
+    refused = ""
+    try:
+        train, problems = read_train((rank, world)) if shards is None else ([], shards.problems)
+    except DataError as e:  # strict_data: unusable rows in this rank's share
+        train, problems, refused = [], [], str(e)
+    report(problems, "train" if world == 1 else f"train (rank {rank}'s share)", every_rank=shards is None)
+    if shards is None:  # what the ranks found, agreed, so that no rank goes on alone
+        found = distributed.sum_over_ranks({"refused": torch.tensor([float(bool(refused))]),
+                                            "empty": torch.tensor([float(not train and not refused)])})
+        refusing, empty = int(found["refused"][0]), int(found["empty"][0])
+        if refusing:
+            raise DataError(refused or f"{refusing} other rank(s) found unusable training rows (strict_data)")
+        if empty:
+            raise DataError("train: no usable utterance" + (f" in the share of {empty} of {world} ranks (each rank "
+                                                            f"reads one row in {world})" if world > 1 else ""))
     dev = read_dev_sets(data, dev_m, options)
-    for name, utts in [("train", train), *dev.items()]:
-        if not utts and not (name == "train" and shards):
+    for name, utts in dev.items():
+        if not utts:
             raise DataError(f"{name}: no usable utterance")
     read = train_m + list(data.train_cuts) + list(data.train_shards) + [h.path for h in data.train_hf]
-    log0(f"train: {describe(train, shards)}, from {', '.join(read)}; dev sets: {', '.join(dev)}")
+    mine = f" on rank 0, a {world}th of the rows" if world > 1 and shards is None else ""
+    log0(f"train: {describe(train, shards)}{mine}, from {', '.join(read)}; dev sets: {', '.join(dev)}")
     sp_path, seed = out / checkpoint.TOKENIZER, project.run.seed
 
     def make_tokenizer():  # on a bounded sample of the texts, so start-up does not grow with the corpus
-        return sp_path.exists() or Tokenizer.train(tokenizer_sample(train, shards, data.tokenizer_sentences, seed),
-                                                   str(sp_path), data.vocab_size)
+        # a damaged or missing one is restored from a checkpoint's copy, if any (one the checkpoints depend on)
+        if checkpoint.restore_tokenizer(out):
+            return
+        every_row = train if world == 1 or shards else read_train((0, 1))[0]  # the same pieces for any world
+        Tokenizer.train(tokenizer_sample(every_row, shards, data.tokenizer_sentences, seed), str(sp_path),
+                        data.vocab_size)
 
     # Every rank enters: rank 0 alone looks for the file (a rank that looked itself could find it already
     # written by rank 0 and skip the broadcast that rank 0 then waits in).
@@ -182,10 +213,11 @@ def prepare_data(project):
             tokenizer)
 
 
-def report(problems: list, name: str):
-    if problems:
+def report(problems: list, name: str, every_rank: bool = False):
+    """Unusable rows, named by file and line: on rank 0, or on every rank for what only it read (its share)."""
+    if problems and (every_rank or distributed.rank() == 0):
         shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
-        log0(f"{name}: skipping {len(problems)} unusable rows:\n  {shown}")
+        print(f"{name}: skipping {len(problems)} unusable rows:\n  {shown}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -195,8 +227,15 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error:\n{e}", file=sys.stderr)
         return 2
+    problem = "" if project.run.allow_cpu else distributed.missing_gpus(bool(launcher_chain()))
+    if problem:  # before anything is written or joined: a CPU run on a GPU allocation would waste it
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     distributed.init(project.run.collective_timeout_s)
-    return train(args, ds_config, project)  # every rank returns here, in step with the others or alone
+    try:
+        return train(args, ds_config, project)  # every rank returns here, in step with the others or alone
+    finally:
+        locks.release_all()  # a lock file is removed here: ranks end with os._exit, which runs no exit hook
 
 
 def train(args, ds_config, project) -> int:
@@ -231,7 +270,7 @@ def train(args, ds_config, project) -> int:
     trainer = Trainer(engine, project, train_set, dev_sets, tokenizer, project.run.output_dir)
     try:
         if args.resume == "never" and checkpoint.tags(trainer.checkpointer.dir):
-            raise TrainingError(f"--resume never: {trainer.checkpointer.dir} already holds checkpoints; choose "
+            raise ResumeError(f"--resume never: {trainer.checkpointer.dir} already holds checkpoints; choose "
                                 "another --output_dir (nothing there is overwritten)")
         resumed = args.resume == "auto" and trainer.resume(args.reset_optimizer)
         if args.eval_only:
@@ -242,7 +281,10 @@ def train(args, ds_config, project) -> int:
                 Path(project.run.output_dir, f"eval_step{result['step']}.json").write_text(json.dumps(result, indent=1))
             return 0
         return trainer.fit()
-    except (TrainingError, ResumeError, EvaluationError, UnsafeFile) as e:
+    except ResumeError as e:  # a checkpoint this run's config or flags cannot continue from: fix them
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (TrainingError, EvaluationError, UnsafeFile) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:

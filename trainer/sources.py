@@ -56,29 +56,33 @@ def _check(duration: float, text: str, max_duration: float) -> str:
 
 
 def _audio_problem(path: str, deep: bool) -> str:
+    """Strict mode's check of a row's audio at start-up (it exists and opens). Otherwise nothing is checked
+    here: a file that is missing or unreadable is skipped, named and counted when it is loaded, so start-up
+    makes no metadata call per row (tens of millions on a parallel file system)."""
+    if not deep:
+        return ""
     if not os.path.exists(path):
         return f"audio {path} does not exist"
-    if deep:
-        try:
-            if sf.info(path).frames == 0:
-                return f"audio {path} is empty"
-        except Exception as e:  # soundfile raises several types for unreadable files
-            return f"audio {path} is unreadable ({e})"
+    try:
+        if sf.info(path).frames == 0:
+            return f"audio {path} is empty"
+    except Exception as e:  # soundfile raises several types for unreadable files
+        return f"audio {path} is unreadable ({e})"
     return ""
 
 
-def read_manifest(path: str, max_duration: float, deep: bool = False) -> tuple[list[Utterance], list[str]]:
+def read_manifest(path: str, max_duration: float, deep: bool = False,
+                  share: tuple = (0, 1)) -> tuple[list[Utterance], list[str]]:
     """NeMo JSON lines: audio_filepath (absolute or relative to the manifest), duration, text, offset.
-    deep=True also opens every audio header (strict mode); otherwise a file is only checked to exist."""
+    deep=True also checks that every audio file exists and opens (strict mode). ``share`` (rank, world): only
+    every world-th row from the rank-th is decoded (``in_share``)."""
     try:
         lines = Path(path).read_bytes().splitlines()  # decoded line by line: one bad byte costs one row
     except (FileNotFoundError, IsADirectoryError):
         raise DataError(f"{path}: no such manifest") from None
     base = Path(path).parent
     utts, problems = [], []
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
+    for n, raw in in_share(enumerate(lines, 1), share):
         origin = f"{path}:{n}"
         try:
             row = json.loads(raw.decode("utf-8"))
@@ -158,14 +162,17 @@ def _durations(src: HFSource, ds, cache_dir: str) -> list:
     return durations
 
 
-def read_hf(src: HFSource, max_duration: float, duration_cache: str = "") -> tuple[list[Utterance], list[str]]:
-    """Every row of the dataset, with durations from the audio headers or their cache (``_durations``)."""
+def read_hf(src: HFSource, max_duration: float, duration_cache: str = "",
+            share: tuple = (0, 1)) -> tuple[list[Utterance], list[str]]:
+    """The rows of the dataset that fall to ``share`` (rank, world: every world-th), with durations from the
+    audio headers or their cache (``_durations``, computed for all rows once)."""
     try:
         ds = open_hf(src)
     except FileNotFoundError as e:
         raise DataError(f"{src.path}: {e}") from None
     utts, problems = [], []
-    for i, (text, duration) in enumerate(zip(ds[src.text_column], _durations(src, ds, duration_cache))):
+    rows = enumerate(zip(ds[src.text_column], _durations(src, ds, duration_cache)))
+    for i, (text, duration) in (row for row in rows if row[0] % share[1] == share[0]):
         origin = f"{src.path}[{i}]"
         reason = duration if isinstance(duration, str) else _check(duration, str(text), max_duration)
         if reason:
@@ -209,14 +216,21 @@ def _open_bytes(path: str):
     return (gzip.open if str(path).endswith(".gz") else open)(path, "rb")
 
 
-def _cut_lines(path: str):
-    """(origin, cut) for each line of a cut file, decoded one by one by Lhotse's own deserialiser, so a bad
-    line costs one row: then (origin, the problem as a string)."""
+def in_share(numbered_lines, share: tuple):
+    """(line number, line) of the non-empty lines that fall to rank ``share[0]`` of ``share[1]``: every
+    world-th, so each rank decodes and keeps only its own rows, and start-up time and memory per rank fall
+    with the number of ranks."""
+    rank, world = share
+    rows = ((n, raw) for n, raw in numbered_lines if raw.strip())
+    return (row for k, row in enumerate(rows) if k % world == rank)
+
+
+def _cut_lines(path: str, share: tuple = (0, 1)):
+    """(origin, cut) for each line of a cut file (of ``share``: ``in_share``), decoded one by one by Lhotse's
+    own deserialiser, so a bad line costs one row: then (origin, the problem as a string)."""
     from lhotse.serialization import deserialize_item
     with _open_bytes(path) as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
+        for n, raw in in_share(enumerate(f, 1), share):
             try:
                 cut = deserialize_item(json.loads(raw))
             except Exception as e:  # JSON, UTF-8 or Lhotse's own schema errors: this line only
@@ -245,14 +259,15 @@ def _supervised(cut, origin: str, audio: str, offset: float, available: float, w
     return utts, problems
 
 
-def read_cuts(path: str, max_duration: float, root: str = "", deep: bool = False) -> tuple[list[Utterance], list[str]]:
+def read_cuts(path: str, max_duration: float, root: str = "", deep: bool = False,
+              share: tuple = (0, 1)) -> tuple[list[Utterance], list[str]]:
     """A Lhotse cut set (.jsonl or .jsonl.gz, as Libriheavy publishes): one utterance per supervision, at its
-    offset into the recording. Relative audio paths are resolved against ``root`` (empty: the current
-    folder, as Lhotse does)."""
+    offset into the recording, of the cuts of ``share`` (``in_share``). Relative audio paths are resolved
+    against ``root`` (empty: the current folder, as Lhotse does)."""
     if not Path(path).is_file():
         raise DataError(f"{path}: no such cut set")
     utts, problems, audio_checked = [], [], {}
-    for origin, cut in _cut_lines(path):
+    for origin, cut in _cut_lines(path, share):
         audio, reason = ("", cut) if isinstance(cut, str) else _cut_audio(cut, root)
         if not reason and audio not in audio_checked:
             audio_checked[audio] = _audio_problem(audio, deep)
@@ -354,12 +369,13 @@ def read_shards(folder: str, max_duration: float, deep: bool = False) -> tuple[l
 
 
 def read_sources(manifests: list[str], hf_sources: list, max_duration: float, strict: bool, cuts: list = (),
-                 cuts_root: str = "", duration_cache: str = "", shards: list = ()):
-    """All utterances of a split. strict: any problem is a DataError listing them all; else (utts, problems)."""
-    parts = [read_manifest(m, max_duration, deep=strict) for m in manifests] + \
-            [read_cuts(c, max_duration, cuts_root, deep=strict) for c in cuts] + \
+                 cuts_root: str = "", duration_cache: str = "", shards: list = (), share: tuple = (0, 1)):
+    """The utterances of a split (of ``share``, rank and world, in manifests, cut sets and datasets; a Shar
+    folder is read whole). strict: any problem is a DataError listing them all; else (utts, problems)."""
+    parts = [read_manifest(m, max_duration, deep=strict, share=share) for m in manifests] + \
+            [read_cuts(c, max_duration, cuts_root, deep=strict, share=share) for c in cuts] + \
             [read_shards(d, max_duration, deep=strict) for d in shards] + \
-            [read_hf(src, max_duration, duration_cache) for src in hf_sources]
+            [read_hf(src, max_duration, duration_cache, share) for src in hf_sources]
     utts = [u for us, _ in parts for u in us]
     problems = [p for _, ps in parts for p in ps]
     if strict and problems:

@@ -19,6 +19,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+from trainer import locks
 from trainer.deepspeed_contract import is_deepspeed_launcher, is_deepspeed_runner
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -89,6 +90,7 @@ class StopSignal:
         sys.stderr.write(f"rank {os.environ.get('RANK', '0')}: {why}: exiting without a save; the last complete "
                          "checkpoint stays in use\n")
         sys.stderr.flush()
+        locks.release_all()  # the output folder's lock file, if it is one (flock goes with the process)
         os._exit(FORCED)
 
 

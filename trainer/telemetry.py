@@ -41,10 +41,17 @@ def cramers_v(joint: torch.Tensor) -> float:
 
 
 def contingency(a: torch.Tensor, b: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[E, E] counts of (expert in one layer, expert in another) over the frames both routed (choice >= 0)."""
-    real = (a >= 0) & (b >= 0)
-    idx = (a[real] * num_experts + b[real]).cpu()
-    return torch.bincount(idx, minlength=num_experts * num_experts).view(num_experts, num_experts).float()
+    """[E, E] counts of (expert in one layer, expert in another) over the frames both routed (choice >= 0),
+    on their device (sized by E, not by the data: no host sync)."""
+    both = ((a >= 0) & (b >= 0)).float()
+    idx = (a * num_experts + b).clamp(min=0)
+    return torch.zeros(num_experts * num_experts, device=a.device).index_add_(0, idx, both).view(
+        num_experts, num_experts)
+
+
+def _stacked(values: list) -> torch.Tensor:
+    """[L, ...] float32 of one tensor per MoE layer."""
+    return torch.stack(values).float()
 
 
 class RoutingMeter:
@@ -58,15 +65,17 @@ class RoutingMeter:
                      "calls": torch.zeros(L), "joint": torch.zeros(max(L - 1, 0), E, E)}
 
     def add(self, routing: list):
-        s = self.sums
-        for i, r in enumerate(routing):
-            s["kept"][i] += r.kept_E.float().cpu()
-            s["routes"][i] += float(r.routes)
-            s["dropped"][i] += float(r.dropped)
-            s["entropy"][i] += float(r.entropy_sum)
-            s["frames"][i] += float(r.frames)
-            s["used"][i] += float(r.kept_E.max()) / r.capacity
-            s["calls"][i] += 1
+        """One batch's RoutingStats, one per MoE layer, summed on their device (no host sync)."""
+        if not routing:
+            return
+        s = self.sums = {k: v.to(routing[0].kept_E.device) for k, v in self.sums.items()}
+        s["kept"] += _stacked([r.kept_E for r in routing])
+        s["routes"] += _stacked([r.routes for r in routing])
+        s["dropped"] += _stacked([r.dropped for r in routing])
+        s["entropy"] += _stacked([r.entropy_sum for r in routing])
+        s["frames"] += _stacked([r.frames for r in routing])
+        s["used"] += _stacked([r.kept_E.max() / r.capacity for r in routing])
+        s["calls"] += 1
         for i, (a, b) in enumerate(zip(routing, routing[1:])):
             s["joint"][i] += contingency(a.first_choice_S, b.first_choice_S, s["joint"].shape[-1])
 

@@ -14,6 +14,15 @@ def normalize(text: str) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
+def tokenizer_problem(path) -> str:
+    """Why ``path`` cannot serve as the tokenizer ('' when sentencepiece reads it)."""
+    try:
+        spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:
+        return f"not a readable sentencepiece model ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return ""
+
+
 class Tokenizer:
     """Sentencepiece pieces shifted by one: label 0 is the CTC blank."""
 
