@@ -190,7 +190,7 @@ def _accumulated_update(extra: dict) -> torch.Tensor:
                                                                                       engine.module.parameters())])
 
 
-def test_the_paper_configs_bf16_gradient_accumulation_stays_within_half_a_percent_of_fp32():
+def test_the_paper_configs_bf16_gradient_accumulation_stays_within_one_percent_of_fp32():
     """The shipped setting (paper configs: bf16, ZeRO 1, grad_accum_dtype bf16), two micro-batches per step."""
     ds, _ = load_config("ds_configs/paper/omni_8x84m.json")
     assert ds["zero_optimization"]["stage"] == 1 and ds["bf16"]["enabled"]
