@@ -2,6 +2,8 @@
 the other operator faults: test_faults)."""
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
 from tests.common import VOCAB, batch, ds_dict, tiny_project
 from tests.distributed import run_ranks
-from tests.common import launch, tiny_config
+from tests.common import ROOT, launch, tiny_config
 from trainer.config import with_overrides
 from trainer.engine import build_engine, build_model
 from trainer.loop import Trainer, TrainingError
@@ -205,3 +207,27 @@ def test_each_rank_verifies_the_files_it_loads_under_the_checkpoint_timeout(tmp_
         assert r["step"] == 1
         assert r["verified"] == ("step1", [f"{r['victim']}: content differs from the SHA-256 recorded when it was "
                                            "written (corrupted)"])
+
+
+REPEATED_SIGTERM = """
+import os, signal, time
+from trainer.stopping import REPEAT_S, StopSignal
+stop = StopSignal(grace_s=60)
+os.kill(os.getpid(), signal.SIGTERM)
+os.kill(os.getpid(), signal.SIGTERM)  # at once, as SLURM sends it at a time limit or a preemption without grace
+deadline = time.time() + 10
+while not stop.received and time.time() < deadline:
+    time.sleep(0.01)
+print("received", stop.received, flush=True)
+time.sleep(2 * REPEAT_S)
+os.kill(os.getpid(), signal.SIGUSR1)  # a second request: the watcher ends the process
+time.sleep(30)
+print("still running", flush=True)
+"""
+
+
+def test_the_same_signal_twice_at_once_is_one_stop_request_and_a_later_one_is_a_second():
+    proc = subprocess.run([sys.executable, "-c", REPEATED_SIGTERM], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout == "received SIGTERM\n", proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "second signal (SIGUSR1)" in proc.stderr, proc.stderr

@@ -9,7 +9,9 @@ Python runs signal handlers only when the main thread returns to the interpreter
 collective never does. So the request is read by a watcher thread from ``signal.set_wakeup_fd`` (the C-level
 handler writes the signal number at once), and the watcher ends the process itself, status 1 and without a
 save (the last complete checkpoint stays in use), on a second signal, or when the loop shows no progress
-(``beat``) within ``grace_s`` of the first and has not begun the save (``acknowledge``).
+(``beat``) within ``grace_s`` of the first and has not begun the save (``acknowledge``). The same signal
+repeated within ``REPEAT_S`` is one request: SLURM sends SIGTERM twice within milliseconds at a time limit
+and at a preemption without grace time, and the ranks then have ``KillWait`` (30 s by default) to save.
 """
 import os
 import select
@@ -24,6 +26,7 @@ from trainer.deepspeed_contract import is_deepspeed_launcher, is_deepspeed_runne
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 FORCED = 1  # exit status when the watcher ends a rank that did not stop by itself
+REPEAT_S = 0.2  # the same signal within this of the first is one request, not the second that forces an exit
 
 
 class StopSignal:
@@ -31,7 +34,7 @@ class StopSignal:
 
     def __init__(self, grace_s: float):
         self.received, self.grace_s = "", grace_s
-        self.signals = 0
+        self.signals, self.requested_at = 0, 0.0
         self.last_beat = time.monotonic()
         self.acknowledged = False
         self.saving = False  # a checkpoint save is under way: it beats no one, and has a timeout of its own
@@ -78,12 +81,15 @@ class StopSignal:
                            "this rank may be stuck in a collective")
 
     def _request(self, why: str, counted: bool = True):
+        now = time.monotonic()
+        if counted and why == self.received and now - self.requested_at < REPEAT_S:
+            return  # the same signal again at once (SLURM sends SIGTERM twice at a time limit or GraceTime 0)
         self.signals += counted
         if self.signals > 1:
             self._exit(f"second signal ({why})")
         if not self.received:
-            self.received = why
-            self.last_beat = time.monotonic()  # the grace period starts now
+            self.received, self.requested_at = why, now
+            self.last_beat = now  # the grace period starts now
 
     @staticmethod
     def _exit(why: str):
