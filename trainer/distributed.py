@@ -67,6 +67,7 @@ def missing_gpus(under_deepspeed_launcher: bool) -> str:
 
 
 def _names_gpus(variable: str, value: str) -> bool:
+    """Whether a GPU variable's value names devices ('', -1 and NoDevFiles name none)."""
     return value not in ("", "-1", "NoDevFiles") and not (variable == "SLURM_GPUS_ON_NODE" and value == "0")
 
 
@@ -74,8 +75,8 @@ def device_index(local_rank: int, visible: str) -> int:
     """This rank's accelerator index on its node, from ``LOCAL_RANK`` and ``CUDA_VISIBLE_DEVICES`` (``visible``,
     '' when unset). A task that sees exactly one device (``srun --gpus-per-task=1``, a site's ``--gpu-bind``) uses
     it, index 0, whatever its local rank; a task that sees all of the node's devices takes its local rank."""
-    hidden = visible.strip() in ("", "-1", "NoDevFiles")
-    devices = [] if hidden else [d for d in visible.split(",") if d.strip()]
+    devices = [d for d in visible.split(",") if d.strip()] if _names_gpus("CUDA_VISIBLE_DEVICES", visible.strip()) \
+        else []
     if len(devices) == 1:
         return 0
     if devices and not 0 <= local_rank < len(devices):

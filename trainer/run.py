@@ -163,9 +163,9 @@ def _prepare_data(project):
     shards = read_train_shards(data, train_m) if data.train_shards else None
     rank, world = distributed.rank(), distributed.world()
 
-    def read_train(share: tuple):
-        return read_sources(train_m, data.train_hf, data.max_duration, data.strict_data, cuts=data.train_cuts,
-                            share=share, **options)
+    def read_train(share: tuple, strict: bool = data.strict_data):
+        return read_sources(train_m, data.train_hf, data.max_duration, strict, cuts=data.train_cuts, share=share,
+                            **options)
 
     # Each rank decodes and keeps only its share of the training rows (every world-th): start-up time and
     # memory per rank fall with the number of ranks.
@@ -189,7 +189,7 @@ def _prepare_data(project):
         if not utts:
             raise DataError(f"{name}: no usable utterance")
     read = train_m + list(data.train_cuts) + list(data.train_shards) + [h.path for h in data.train_hf]
-    mine = f" on rank 0, a {world}th of the rows" if world > 1 and shards is None else ""
+    mine = f" on rank 0, one row in {world}" if world > 1 and shards is None else ""
     log0(f"train: {describe(train, shards)}{mine}, from {', '.join(read)}; dev sets: {', '.join(dev)}")
     sp_path, seed = out / checkpoint.TOKENIZER, project.run.seed
 
@@ -197,7 +197,8 @@ def _prepare_data(project):
         # a damaged or missing one is restored from a checkpoint's copy, if any (one the checkpoints depend on)
         if checkpoint.restore_tokenizer(out):
             return
-        every_row = train if world == 1 or shards else read_train((0, 1))[0]  # the same pieces for any world
+        # every row's text, not rank 0's share: the same pieces for any world (strict mode checked the rows)
+        every_row = train if world == 1 or shards else read_train((0, 1), strict=False)[0]
         Tokenizer.train(tokenizer_sample(every_row, shards, data.tokenizer_sentences, seed), str(sp_path),
                         data.vocab_size)
 
@@ -271,7 +272,7 @@ def train(args, ds_config, project) -> int:
     try:
         if args.resume == "never" and checkpoint.tags(trainer.checkpointer.dir):
             raise ResumeError(f"--resume never: {trainer.checkpointer.dir} already holds checkpoints; choose "
-                                "another --output_dir (nothing there is overwritten)")
+                              "another --output_dir (nothing there is overwritten)")
         resumed = args.resume == "auto" and trainer.resume(args.reset_optimizer)
         if args.eval_only:
             if not resumed:
