@@ -135,8 +135,11 @@ def test_a_causal_encoder_sees_no_later_frame(causal):
     changed = b["feats"].clone()
     changed[0, 24:] += 1.0  # input frames 24.. are encoder frames 12.. (stacking 2)
     before, after = (model(f, b["lengths"]).log_probs for f in (b["feats"], changed))
-    assert torch.equal(before[0, :12], after[0, :12]) == causal  # the full encoder's early frames do change
-    assert not torch.equal(before[0, 12:], after[0, 12:])
+    early, late = ((before[0, s] - after[0, s]).abs().max() for s in (slice(0, 12), slice(12, None)))
+    # Causal: equal up to rounding (a changed later frame may route elsewhere, and an expert's GEMM over another
+    # number of rows may round an early row's sums differently: 2e-7 here). The full encoder's do change.
+    assert early < 1e-5 if causal else early > 1e-2
+    assert late > 1e-2
 
 
 def test_sinusoidal_positions_are_the_classic_table():
