@@ -3,19 +3,18 @@ import re
 import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import torch
 
-from tools.fault_drill import free_port, tiny_config
+from tools.fault_drill import tiny_config
+from tools.launching import ROOT, launch
 
 from trainer.config import DataConfig, ModelConfig, MoEConfig, ProjectConfig
 from trainer.experts import PER_EXPERT_KEYS
+from trainer.plan import RunPlan, plan_run
 
-__all__ = ["tiny_config"]  # the tests' tiny run config is the fault drill's
+__all__ = ["launch", "tiny_config"]  # the tests' launches and tiny run config are the fault drill's
 VOCAB = 20
-ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 
 
 def tiny_project(mode="omni", k=1, drop_tokens=False, layers=3, accumulation=1, **moe) -> ProjectConfig:
@@ -33,6 +32,12 @@ def ds_dict(stage=1, lr=1e-3) -> dict:
     """DeepSpeed's keys of a test run; the batch keys are derived from the project (``data.batch_frames``)."""
     return {"optimizer": {"type": "AdamW", "params": {"lr": lr, "torch_adam": True}},
             "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
+
+
+def tiny_plan(project: ProjectConfig, ds: dict = None) -> RunPlan:
+    """This rank's plan of a test run (``ds``: DeepSpeed's keys, ``ds_dict()`` unless given)."""
+    import trainer.distributed as distributed
+    return plan_run(ds or ds_dict(), project, distributed.rank(), distributed.world(), distributed.device())
 
 
 def per_expert(named: dict, ep_rank: int = 0, n_local: int = 0) -> dict:
@@ -82,19 +87,9 @@ def union(*batches: dict) -> dict:
             **{k: torch.cat([b[k] for b in batches]) for k in ("lengths", "target_lengths", "weight")}}
 
 
-def command(config, corpus, out, ranks=1, extra=()) -> list:
-    return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "trainer/main.py",
-            "--deepspeed_config", config, "--corpus_dir", str(corpus), "--output_dir", str(out), *extra]
-
-
 def run_tool(*args, timeout=600):
     """A script of the repository (tools/...) under this interpreter, from the repository root."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def launch(config, corpus, out, ranks=1, extra=(), timeout=600, env=None):
-    return subprocess.run(command(config, corpus, out, ranks, extra), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 def queued_gpu_seed():

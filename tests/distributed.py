@@ -6,7 +6,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from tools.fault_drill import free_port
+from tools.launching import free_port
 
 
 def _entry(rank, fn, world, port, out_dir, args):

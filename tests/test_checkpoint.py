@@ -1,8 +1,12 @@
-"""Checkpoint checks that need no process group: which rank verifies which file, and the run folder's tokenizer
-restored from a checkpoint's copy (the run-level cases: test_robustness)."""
+"""Checkpoint checks that need no process group: whether a checkpoint folder is usable (``problem``,
+``newest_usable``), which rank verifies which file, and the run folder's tokenizer restored from a checkpoint's
+copy (the run-level cases: test_robustness)."""
+import json
+import os
 import shutil
 
 import pytest
+import torch
 
 from trainer import checkpoint
 from trainer.text import Tokenizer
@@ -58,3 +62,89 @@ def test_a_damaged_tokenizer_with_no_copy_to_restore_is_a_clear_error_and_a_miss
         checkpoint.restore_tokenizer(out)
     (out / checkpoint.TOKENIZER).unlink()
     assert not checkpoint.restore_tokenizer(out)  # nothing to restore: the caller trains a new one
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command (``os.system``) that leaves a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def checkpoint_folder(ckpt_dir, tag: str, publish: bool = True):
+    """A checkpoint ``tag`` as a save leaves it: weights in a ``.pt`` file, a JSON file, and (``publish``) the
+    record of every file with its size and SHA-256."""
+    (ckpt_dir / tag).mkdir(parents=True)
+    torch.save({"module": {"w": torch.arange(64.0)}, "step": int(tag[4:])}, ckpt_dir / tag / "model_states.pt")
+    (ckpt_dir / tag / checkpoint.CMVN).write_text('{"mean": [0.5, 0.25], "std": [1.0, 2.0]}')
+    if publish:
+        checkpoint.publish(ckpt_dir, tag, {})
+    return ckpt_dir / tag
+
+
+def test_a_complete_checkpoint_as_recorded_is_usable(tmp_path):
+    folder = checkpoint_folder(tmp_path, "step4")
+    assert json.loads((folder / checkpoint.RECORD).read_text())["files"].keys() == {"model_states.pt",
+                                                                                  checkpoint.CMVN}
+    assert checkpoint.problem(tmp_path, "step4") == ""
+    assert (tmp_path / "latest").read_text() == "step4"
+
+
+def test_a_checkpoint_without_its_record_is_incomplete(tmp_path):
+    checkpoint_folder(tmp_path, "step4", publish=False)  # the save did not get as far as the record
+    assert checkpoint.problem(tmp_path, "step4") == (f"{tmp_path / 'step4'}: incomplete (no complete.json; the save "
+                                                     "did not finish)")
+
+
+def test_a_recorded_file_that_is_missing_is_named(tmp_path):
+    folder = checkpoint_folder(tmp_path, "step4")
+    (folder / checkpoint.CMVN).unlink()
+    assert checkpoint.problem(tmp_path, "step4") == f"{folder / checkpoint.CMVN}: missing"
+
+
+def test_a_file_of_another_size_than_recorded_is_named_with_both_sizes(tmp_path):
+    folder = checkpoint_folder(tmp_path, "step4")
+    size = (folder / "model_states.pt").stat().st_size
+    with open(folder / "model_states.pt", "ab") as f:
+        f.write(b"\0" * 10)
+    assert checkpoint.problem(tmp_path, "step4") == (f"{folder / 'model_states.pt'}: {size + 10} bytes, {size} "
+                                                     "recorded")
+
+
+@pytest.mark.parametrize("name", ["model_states.pt", checkpoint.CMVN])
+def test_a_file_changed_at_the_same_size_is_caught_by_its_sha256(tmp_path, name):
+    folder = checkpoint_folder(tmp_path, "step4")
+    data = bytearray((folder / name).read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit: same size, every other check of the file would pass
+    (folder / name).write_bytes(bytes(data))
+    assert checkpoint.problem(tmp_path, "step4") == (f"{folder / name}: content differs from the SHA-256 recorded "
+                                                     "when it was written (corrupted)")
+
+
+def test_a_pt_file_that_would_run_code_when_loaded_is_refused_and_the_code_never_runs(tmp_path):
+    folder = checkpoint_folder(tmp_path / "checkpoints", "step4", publish=False)
+    marker = tmp_path / "RAN"
+    torch.save({"module": {"w": torch.zeros(2)}, "note": _RunsCode(marker)}, folder / "model_states.pt")
+    checkpoint.publish(tmp_path / "checkpoints", "step4", {})  # recorded as it is: size and SHA-256 match
+    why = checkpoint.problem(tmp_path / "checkpoints", "step4")
+    assert why.startswith(f"{folder / 'model_states.pt'}: refused: it holds posix.system, which no checkpoint "
+                          "of this trainer holds"), why
+    assert not marker.exists()
+
+
+def test_newest_usable_falls_back_to_the_newest_checkpoint_that_verifies_and_says_why_newer_ones_do_not(tmp_path):
+    for tag in ("step4", "step8", "step12"):
+        checkpoint_folder(tmp_path, tag)
+    checkpoint_folder(tmp_path, "step16", publish=False)  # a save cut short
+    (tmp_path / "step12" / checkpoint.CMVN).write_text("{}")  # another size
+    assert checkpoint.newest_usable(tmp_path) == ("step8", [
+        f"{tmp_path / 'step16'}: incomplete (no complete.json; the save did not finish)",
+        f"{tmp_path / 'step12' / checkpoint.CMVN}: 2 bytes, 40 recorded"])
+    (tmp_path / "step8" / "model_states.pt").unlink()
+    (tmp_path / "step4" / checkpoint.RECORD).unlink()
+    tag, warnings = checkpoint.newest_usable(tmp_path)
+    assert tag == "" and len(warnings) == 4 and warnings[-1].endswith("incomplete (no complete.json; the save did "
+                                                                      "not finish)")

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import (ConfigError, batch_plan, load_config, parse_assignment, reference_table, resolve_ep_size,
-                            with_assignments, zero_for_world)
+from trainer.config import ConfigError, load_config, parse_assignment, reference_table, with_overrides
+from trainer.plan import batch_plan, plan_run, resolve_ep_size
 
 CPU = ["ds_configs/omni.json", "ds_configs/switch.json", "ds_configs/dense.json"]
 PAPER = ["ds_configs/paper/omni_8x84m.json", "ds_configs/paper/switch_8x84m.json", "ds_configs/paper/dense_84m.json"]
@@ -136,24 +136,46 @@ def test_readme_key_table_is_the_one_generated_from_the_config():
 
 def test_set_overrides_any_key_and_names_a_bad_one():
     _, project = load_config("ds_configs/omni.json")
-    changed = with_assignments(project, [parse_assignment(a) for a in (
+    changed = with_overrides(project, [parse_assignment(a) for a in (
         "run.max_steps=5", "moe.lb_coef=0.02", "data.specaugment.time_masks=0", "run.output_dir=runs/x")])
     assert (changed.run.max_steps, changed.moe.lb_coef, changed.data.specaugment.time_masks,
             changed.run.output_dir) == (5, 0.02, 0, "runs/x")
     with pytest.raises(ConfigError, match="omni_router.moe.lb_cof"):
-        with_assignments(project, [parse_assignment("moe.lb_cof=0.1")])
+        with_overrides(project, [parse_assignment("moe.lb_cof=0.1")])
+    with pytest.raises(ConfigError, match=r"--set run.max_steps.x: omni_router.run.max_steps is not a section"):
+        with_overrides(project, [parse_assignment("run.max_steps.x=1")])
+    with pytest.raises(ConfigError, match=r"^a test: omni_router.run.max_steps: Input should be a valid integer"):
+        with_overrides(project, {"run.max_steps": "5"}, origin="a test")  # strict: no silent conversion
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_assignment("run.max_steps")
 
 
+def zero(ds: dict, project, world: int) -> dict:
+    return plan_run(ds, project, 0, world).deepspeed["zero_optimization"]
+
+
 def test_contiguous_gradients_are_off_on_one_rank_and_refused_off_with_expert_parallelism():
     ds, project = load_config("ds_configs/omni.json")
-    assert zero_for_world(ds, project, 1) == {"stage": 1, "contiguous_gradients": False}
-    assert zero_for_world(ds, project, 2) == {"stage": 1}  # DeepSpeed's default (true) on several ranks
+    assert zero(ds, project, 1) == {"stage": 1, "contiguous_gradients": False}
+    assert zero(ds, project, 2) == {"stage": 1}  # DeepSpeed's default (true) on several ranks
     off = {**ds, "zero_optimization": {"stage": 1, "contiguous_gradients": False}}
     with pytest.raises(ConfigError, match=r"zero_optimization.contiguous_gradients: false .* \(ep_size 2\)"):
-        zero_for_world(off, project, 2)
-    dense = project.model_copy(update={"moe": project.moe.model_copy(update={"mode": "dense"})})
-    assert zero_for_world(off, dense, 2) == off["zero_optimization"]  # no experts: DeepSpeed reduces it right
+        zero(off, project, 2)
+    dense = with_overrides(project, {"moe.mode": "dense"})
+    assert zero(off, dense, 2) == off["zero_optimization"]  # no experts: DeepSpeed reduces it right
     stage2 = {**ds, "zero_optimization": {"stage": 2}}
-    assert zero_for_world(stage2, project, 1) == {"stage": 2}  # DeepSpeed requires it on with MoE under ZeRO 2
+    assert zero(stage2, project, 1) == {"stage": 2}  # DeepSpeed requires it on with MoE under ZeRO 2
+
+
+def test_the_plan_holds_what_the_world_size_decides():
+    ds, project = load_config("ds_configs/paper/omni_8x84m.json")
+    plan = plan_run(ds, project, rank=13, world=16)
+    assert (plan.ep_size, plan.ep_rank, plan.batch.accumulation, plan.batch.micro_frames) == (8, 5, 1, 64000)
+    assert str(plan.output_dir) == project.run.output_dir and plan.project is project
+    cfg = plan.deepspeed
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"]) \
+        == (1, 1, 16)
+    assert cfg["scheduler"]["params"]["total_num_steps"] == project.run.max_steps
+    assert "total_num_steps" not in ds["scheduler"]["params"]  # the config's dict is left as it was
+    with pytest.raises(ConfigError, match="moe.ep_size: 8 does not divide the world size 12"):
+        plan_run(ds, with_overrides(project, {"moe.ep_size": 8}), 0, 12)

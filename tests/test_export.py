@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.common import batch, ds_dict
+from tests.common import batch, ds_dict, tiny_plan
 from tests.distributed import run_ranks
 from tests.common import launch, run_tool as tool, tiny_config
 from trainer.deepspeed_contract import MODEL_STATES
@@ -30,8 +30,9 @@ def _engine_log_probs(tag_dirs: list[str]) -> list[torch.Tensor]:
 def _log_probs(tag_dir: str) -> torch.Tensor:
     saved = torch.load(Path(tag_dir) / MODEL_STATES, map_location="cpu", weights_only=False)
     project = ProjectConfig.model_validate(saved["project_config"])
-    model = build_model(project, saved["module"]["head.weight"].shape[0] - 1)
-    engine = build_engine(ds_dict(stage=1), project, model)
+    plan = tiny_plan(project, ds_dict(stage=1))
+    model = build_model(plan, saved["module"]["head.weight"].shape[0] - 1)
+    engine = build_engine(plan, model)
     engine.load_checkpoint(str(Path(tag_dir).parent), tag=Path(tag_dir).name, load_optimizer_states=False,
                            load_lr_scheduler_states=False)
     engine.eval()

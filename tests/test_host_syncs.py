@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tests.common import VOCAB, batch
+from tests.common import VOCAB, batch, tiny_plan
 from tests.distributed import run_ranks
 from trainer.host_syncs import count_host_syncs
 
@@ -36,11 +36,12 @@ def _step_syncs(k: int) -> dict:
     ds, shipped = load_config("ds_configs/omni.json")
     out = {}
     for dropless in (False, True):
-        project = with_overrides(shipped, moe={"dropless": dropless, "drop_tokens": True, "top_k": k})
-        engine = build_engine(ds, project, build_model(project, VOCAB))
+        project = with_overrides(shipped, {"moe.dropless": dropless, "moe.drop_tokens": True, "moe.top_k": k})
+        plan = tiny_plan(project, ds)
+        engine = build_engine(plan, build_model(plan, VOCAB))
         b = batch(distributed.rank(), n_mels=80, lengths=(130, 100, 70 + 20 * distributed.rank()))
         with count_host_syncs() as train:
-            loss, _, _ = step_loss(engine, project, b)
+            loss, _, _ = step_loss(engine, plan, b)
             engine.backward(loss.total)
         engine.step()
         engine.eval()

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.common import VOCAB, batch, ds_dict, fill_weights, per_expert, tiny_project, union
+from tests.common import VOCAB, batch, ds_dict, fill_weights, per_expert, tiny_plan, tiny_project, union
 from tests.distributed import run_ranks
 from trainer.config import load_config
 from trainer.data import STAND_IN_FRAMES
@@ -20,12 +20,12 @@ def _losses_and_grads(mode, k, stage, batches):
     """One forward/backward over this rank's batch (``batches[rank]``); full gradients by global name."""
     from deepspeed.utils import safe_get_full_grad
     rank, world = dist.get_rank(), dist.get_world_size()
-    project = tiny_project(mode, k, drop_tokens=False)
-    model = build_model(project, VOCAB)
+    plan = tiny_plan(tiny_project(mode, k, drop_tokens=False), ds_dict(stage=stage))
+    model = build_model(plan, VOCAB)
     n_local = 4 // world
     fill_weights(model, ep_rank=rank, n_local=n_local)
-    engine = build_engine(ds_dict(stage=stage), project, model)
-    loss, _, totals = step_loss(engine, project, batches[rank])
+    engine = build_engine(plan, model)
+    loss, _, totals = step_loss(engine, plan, batches[rank])
     engine.backward(loss.total)
     grads = per_expert({n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()},
                        rank, n_local)
@@ -64,13 +64,13 @@ def test_a_stand_in_batch_on_one_rank_leaves_exactly_the_gradient_of_the_other_r
 
 def _train_zero(stage, lengths_by_rank):
     rank = dist.get_rank()
-    project = tiny_project("omni", 1, drop_tokens=True, capacity_factor=1.0)
-    model = build_model(project, VOCAB)
+    plan = tiny_plan(tiny_project("omni", 1, drop_tokens=True, capacity_factor=1.0), ds_dict(stage=stage, lr=1e-2))
+    model = build_model(plan, VOCAB)
     before = model.routers()[0].wg.weight.detach().clone()
-    engine = build_engine(ds_dict(stage=stage, lr=1e-2), project, model)
+    engine = build_engine(plan, model)
     losses = []
     for step in range(4):
-        loss, out, _ = step_loss(engine, project, batch(100 * rank + step, lengths=lengths_by_rank[rank]))
+        loss, out, _ = step_loss(engine, plan, batch(100 * rank + step, lengths=lengths_by_rank[rank]))
         engine.backward(loss.total)
         engine.step()
         losses.append(loss.total.item())
@@ -101,13 +101,13 @@ DEEPSPEED = {"stage 2": lambda: ds_dict(stage=2), "shipped CPU, stage 1": shippe
 def _clipped_step(variant):
     """Global gradient norm DeepSpeed computes (and clips with) for one optimizer step, and the router after it."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    project = tiny_project("omni", 1, drop_tokens=False)
-    model = build_model(project, VOCAB)
+    plan = tiny_plan(tiny_project("omni", 1, drop_tokens=False), {**DEEPSPEED[variant](), "gradient_clipping": 0.5})
+    model = build_model(plan, VOCAB)
     fill_weights(model, ep_rank=rank, n_local=4 // world)
     before = model.routers()[0].wg.weight.detach().clone()
-    engine = build_engine({**DEEPSPEED[variant](), "gradient_clipping": 0.5}, project, model)
+    engine = build_engine(plan, model)
     b = union(*[batch(**s) for s in SHARDS]) if world == 1 else batch(**SHARDS[rank])
-    loss, _, _ = step_loss(engine, project, b)
+    loss, _, _ = step_loss(engine, plan, b)
     engine.backward(loss.total)
     engine.step()
     return float(engine.get_global_grad_norm()), before, engine.module.routers()[0].wg.weight.detach().clone()
@@ -129,11 +129,11 @@ def _dropless_and_capacity(mode):
     rank, world = dist.get_rank(), dist.get_world_size()
     results = []
     for dropless in (False, True):
-        project = tiny_project(mode, 1, drop_tokens=False, dropless=dropless)
-        model = build_model(project, VOCAB)
+        plan = tiny_plan(tiny_project(mode, 1, drop_tokens=False, dropless=dropless), ds_dict(stage=1))
+        model = build_model(plan, VOCAB)
         fill_weights(model, ep_rank=rank, n_local=4 // world)
-        engine = build_engine(ds_dict(stage=1), project, model)
-        loss, out, _ = step_loss(engine, project, batch(**SHARDS[rank]))
+        engine = build_engine(plan, model)
+        loss, out, _ = step_loss(engine, plan, batch(**SHARDS[rank]))
         engine.backward(loss.total)
         results.append((float(loss.total), {n: safe_get_full_grad(p).detach().clone()
                                              for n, p in engine.module.named_parameters()}))
@@ -151,7 +151,7 @@ def test_dropless_equals_capacity_mode_on_two_expert_parallel_ranks(mode):
 def _prepare_with_one_training_row(corpus: str, out: str) -> str:
     from pathlib import Path
     from trainer.config import DataConfig, ProjectConfig, RunConfig
-    from trainer.run import prepare_data
+    from trainer.datasets import prepare_data
     from trainer.sources import DataError
     one = Path(out) / "one.jsonl"
     row = Path(f"{corpus}/train.jsonl").read_text().splitlines()[0].replace('"audio_filepath": "',
@@ -159,7 +159,7 @@ def _prepare_with_one_training_row(corpus: str, out: str) -> str:
     one.write_text(row + "\n")
     data = DataConfig(train_manifests=[str(one)], dev_manifests=[f"{corpus}/dev.jsonl"], vocab_size=40)
     try:
-        prepare_data(ProjectConfig(data=data, run=RunConfig(output_dir=f"{out}/run")))
+        prepare_data(tiny_plan(ProjectConfig(data=data, run=RunConfig(output_dir=f"{out}/run"))))
     except DataError as e:
         return str(e)
     return "no error"
@@ -175,14 +175,15 @@ def test_each_rank_reads_its_share_of_the_rows_and_an_empty_share_stops_every_ra
 def _accumulated_update(extra: dict) -> torch.Tensor:
     """Minus the fp32 master update of one SGD step (lr 1) over two micro-batches: the accumulated gradient."""
     from deepspeed.utils import safe_get_full_fp32_param
-    project = tiny_project("omni", 1, accumulation=2, dropless=True)
-    model = build_model(project, VOCAB)
+    plan = tiny_plan(tiny_project("omni", 1, accumulation=2, dropless=True),
+                     {**ds_dict(stage=1), "optimizer": {"type": "SGD", "params": {"lr": 1.0}},
+                      "zero_allow_untested_optimizer": True, **extra})
+    model = build_model(plan, VOCAB)
     fill_weights(model)
-    engine = build_engine({**ds_dict(stage=1), "optimizer": {"type": "SGD", "params": {"lr": 1.0}},
-                           "zero_allow_untested_optimizer": True, **extra}, project, model)
+    engine = build_engine(plan, model)
     before = [safe_get_full_fp32_param(p).clone() for p in engine.module.parameters()]
     for seed in (20, 21):
-        loss, _, _ = step_loss(engine, project, batch(seed, lengths=(40, 33, 25)))
+        loss, _, _ = step_loss(engine, plan, batch(seed, lengths=(40, 33, 25)))
         engine.backward(loss.total)
         engine.step()
     assert engine.global_steps == 1

@@ -1,13 +1,11 @@
 """tools/preflight.py: its FLOP count against torch's, and the whole tool on two CPU ranks through the launcher."""
 import re
-import subprocess
 
 import pytest
 import torch
 
-from tests.common import DEEPSPEED, ROOT, ds_dict, tiny_config, tiny_project
+from tests.common import ds_dict, launch, tiny_config, tiny_plan, tiny_project
 from tests.distributed import run_ranks
-from tools.fault_drill import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +17,8 @@ def _counted_and_computed(mode: str) -> tuple[float, float]:
     from tools.preflight import model_flops
     from trainer.engine import build_engine, build_model
     project = tiny_project(mode, **({} if mode == "dense" else {"dropless": True}))
-    engine = build_engine(ds_dict(), project, build_model(project, 20))
+    plan = tiny_plan(project, ds_dict())
+    engine = build_engine(plan, build_model(plan, 20))
     B, T, cfg = 3, 50, project.model
     with FlopCounterMode(display=False) as counter:
         engine(torch.randn(B, T, cfg.n_mels), torch.full((B,), T)).log_probs.sum().backward()
@@ -48,10 +47,9 @@ def number(pattern: str, text: str) -> float:
 
 def test_preflight_on_two_cpu_ranks_prints_every_section_with_figures(tmp_path, corpus):
     out = tmp_path / "run"
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tools/preflight.py",
-           "--deepspeed_config", tiny_config(tmp_path), "--corpus_dir", str(corpus), "--output_dir", str(out),
-           "--set", "data.num_workers=2", "--steps", "3", "--loader_seconds", "2"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    proc = launch(tiny_config(tmp_path), corpus, out, 2, ["--set", "data.num_workers=2", "--steps", "3",
+                                                          "--loader_seconds", "2"], timeout=180,
+                  script="tools/preflight.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
     sections = [line for line in text.splitlines() if line.startswith("== ")]

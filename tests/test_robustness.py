@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
-from tests.common import VOCAB, batch, ds_dict, tiny_project
+from tests.common import VOCAB, batch, ds_dict, tiny_plan, tiny_project
 from tests.distributed import run_ranks
 from tests.common import ROOT, launch, tiny_config
 from trainer.config import with_overrides
@@ -28,14 +28,23 @@ def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_periodic_evaluation_telemetry_retention_and_damaged_checkpoints(tmp_path, corpus):
-    out = tmp_path / "run"
-    config = tiny_config(tmp_path, run={"eval_every": 8, "keep_last": 2},
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, corpus) -> dict:
+    """A 24-step run on two ranks, evaluated every 8 steps on two dev sets, with TensorBoard, keeping the newest
+    two checkpoints (and the best): its folder, config, launch arguments and output. Made once; tests that damage
+    checkpoints damage a copy."""
+    base = tmp_path_factory.mktemp("evaluated")
+    out = base / "run"
+    config = tiny_config(base, run={"eval_every": 8, "keep_last": 2},
                          tensorboard={"enabled": True, "output_path": str(out / "tb"), "job_name": "tiny"})
     extra = ["--dev_manifest", str(corpus / "dev.jsonl"), "--dev_manifest", str(corpus / "test.jsonl")]
     proc = launch(config, corpus, out, 2, extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    evals = [r for r in metrics(out) if r["kind"] == "eval"]
+    return {"out": out, "config": config, "extra": extra, "stdout": proc.stdout}
+
+
+def test_periodic_evaluation_scores_every_dev_set_and_the_routing(evaluated):
+    evals = [r for r in metrics(evaluated["out"]) if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [8, 16, 24]
     for r in evals:
         assert set(r["sets"]) == {"dev", "test"}
@@ -44,16 +53,28 @@ def test_periodic_evaluation_telemetry_retention_and_damaged_checkpoints(tmp_pat
         assert len(layers) == 2 and len(r["routing"]["adjacent_nmi"]) == 1
         assert all(abs(sum(layer["load"]) - 1) < 1e-6 and layer["dropped"] == 0 for layer in layers)  # no drop
         assert 0 <= r["routing"]["adjacent_nmi"][0] <= 1
-    assert "adjacent-layer NMI" in proc.stdout and "MoE layer 1: load [" in proc.stdout
-    events = list((out / "tb").rglob("events.out.tfevents.*"))
+    assert "adjacent-layer NMI" in evaluated["stdout"] and "MoE layer 1: load [" in evaluated["stdout"]
+
+
+def test_telemetry_is_written_to_tensorboard_and_training_rows_count_drops_per_layer(evaluated):
+    events = list((evaluated["out"] / "tb").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
-    train = [r for r in metrics(out) if r["kind"] == "train"]
+    train = [r for r in metrics(evaluated["out"]) if r["kind"] == "train"]
     assert all(len(r["dropped_per_layer"]) == 2 and 0 <= min(r["dropped_per_layer"]) for r in train)
+
+
+def test_retention_keeps_the_newest_checkpoints_and_the_best_by_dev_wer(evaluated):
+    out = evaluated["out"]
+    evals = [r for r in metrics(out) if r["kind"] == "eval"]
     best = min(evals, key=lambda r: r["mean_wer"])["step"]
     kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
     assert kept == sorted({"step16", "step24", f"step{best}"})  # the newest two, and the best by dev WER
     assert (out / "checkpoints" / "latest").read_text() == "step24"
 
+
+def test_a_damaged_checkpoint_is_skipped_for_the_next_newest_and_none_usable_is_an_error(evaluated, corpus, tmp_path):
+    out, config, extra = tmp_path / "run", evaluated["config"], evaluated["extra"]
+    shutil.copytree(evaluated["out"], out, ignore=shutil.ignore_patterns(".lock"))
     # Damage the newest: the next newest is chosen instead, with a warning naming the file. It is evaluated
     # with the features computed on the device: the same scores as the run's evaluation of it in the loader.
     victim = next((out / "checkpoints" / "step24").glob("layer_1_expert_3_*"))
@@ -63,13 +84,13 @@ def test_periodic_evaluation_telemetry_retention_and_damaged_checkpoints(tmp_pat
     assert f"skipping a damaged checkpoint: {victim}: missing" in again.stdout
     assert f"resumed from {out / 'checkpoints' / 'step16'}" in again.stdout
     assert 'data.features_on: "loader" -> "device"' in again.stdout
-    on_device, in_loader = json.loads((out / "eval_step16.json").read_text())["sets"], evals[1]["sets"]
+    in_loader = [r for r in metrics(evaluated["out"]) if r["kind"] == "eval" and r["step"] == 16][0]["sets"]
+    on_device = json.loads((out / "eval_step16.json").read_text())["sets"]
     for name in ("dev", "test"):
         assert on_device[name]["wer"] == in_loader[name]["wer"] and on_device[name]["cer"] == in_loader[name]["cer"]
         assert on_device[name]["loss"] == pytest.approx(in_loader[name]["loss"], rel=1e-4)
-    (out / "checkpoints" / "step24" / "complete.json").unlink(missing_ok=True)
-    for tag in kept:
-        (out / "checkpoints" / tag / "complete.json").unlink(missing_ok=True)
+    for tag in (p for p in (out / "checkpoints").iterdir() if p.is_dir()):
+        (tag / "complete.json").unlink(missing_ok=True)
     none = launch(config, corpus, out, 2, extra + ["--eval_only"])
     assert none.returncode == 1 and "no usable checkpoint" in none.stderr
     assert "incomplete (no complete.json" in none.stdout
@@ -137,9 +158,10 @@ def test_a_rank_with_no_dev_batch_still_enters_every_collective(tmp_path, corpus
 
 def _poisoned_gradients(out_dir: str) -> dict:
     """Two ranks, ZeRO 1, ep_size 2: rank 1's router gradient is made infinite on chosen steps."""
-    project = with_overrides(tiny_project("omni"), run={"max_bad_steps": 2, "output_dir": out_dir})
-    engine = build_engine(ds_dict(stage=1), project, build_model(project, VOCAB))
-    trainer = Trainer(engine, project, None, {}, None, out_dir)
+    plan = tiny_plan(with_overrides(tiny_project("omni"), {"run.max_bad_steps": 2, "run.output_dir": out_dir}),
+                     ds_dict(stage=1))
+    engine = build_engine(plan, build_model(plan, VOCAB))
+    trainer = Trainer(engine, plan, None, {}, None)
     router = engine.module.routers()[0].wg.weight
     poison = [False]
     if dist.get_rank() == 1:
@@ -173,9 +195,9 @@ def _resume_after_damage_with_a_late_rank_0(out_dir: str) -> dict:
     import time
     from pathlib import Path
     from trainer import checkpoint, distributed
-    project = with_overrides(tiny_project("omni"), run={"output_dir": out_dir})
-    engine = build_engine(ds_dict(stage=1), project, build_model(project, VOCAB))
-    trainer = Trainer(engine, project, None, {}, None, out_dir)
+    plan = tiny_plan(with_overrides(tiny_project("omni"), {"run.output_dir": out_dir}), ds_dict(stage=1))
+    engine = build_engine(plan, build_model(plan, VOCAB))
+    trainer = Trainer(engine, plan, None, {}, None)
     for step in (1, 2):
         engine.global_steps = step  # the tag; what is written is DeepSpeed's and the trainer's as in a run
         trainer.save()
@@ -185,12 +207,13 @@ def _resume_after_damage_with_a_late_rank_0(out_dir: str) -> dict:
         data[len(data) // 2] ^= 0xFF
         victim.write_bytes(bytes(data))
     distributed.barrier()
-    resumer = checkpoint.Checkpointer(engine, Path(out_dir), keep_last=3, timeout_s=60)
+    quick = with_overrides(plan.project, {"run.checkpoint_timeout_s": 60.0})
+    resumer = checkpoint.Checkpointer(engine, tiny_plan(quick, ds_dict(stage=1)))
     distributed.apply_timeout(1.0)
     if dist.get_rank() == 0:
         time.sleep(4)
-    record = resumer.resume(project.model_dump(), 2, 2, reset_optimizer=False)
-    return {"step": record.step, "verified": resumer.newest_verified(2, 2, project.moe.num_experts),
+    record = resumer.resume(reset_optimizer=False)
+    return {"step": record.step, "verified": resumer.newest_verified(2, 2, plan.project.moe.num_experts),
             "victim": str(victim)}
 
 

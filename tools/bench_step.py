@@ -19,6 +19,7 @@ import torch
 from trainer import distributed
 from trainer.config import load_config, with_overrides
 from trainer.engine import build_engine, build_model, step_loss
+from trainer.plan import plan_run
 from trainer.host_syncs import count_host_syncs
 
 
@@ -51,11 +52,11 @@ def make_batch(args, n_mels, vocab):
             "target_lengths": torch.full((n,), args.utt_frames // 20), "weight": torch.ones(n)}
 
 
-def step_syncs(engine, project, batch) -> int:
+def step_syncs(engine, plan, batch) -> int:
     """Host syncs of one training forward+backward (``trainer.host_syncs``); the step is also a warm-up."""
     engine.train()
     with count_host_syncs() as log:
-        loss, _, _ = step_loss(engine, project, batch)
+        loss, _, _ = step_loss(engine, plan, batch)
         engine.backward(loss.total)
     engine.step()
     return log.count
@@ -73,23 +74,24 @@ def main():
     ep = args.ep if args.ep == "auto" else int(args.ep)
     engines = {}
     for mode in args.modes.split(","):
-        project = with_overrides(base, moe={"mode": mode, "ep_size": ep, "dropless": args.dropless},
-                                 data={"batch_frames": args.frames * distributed.world(), "max_frames_per_rank": 0})
-        model = build_model(project, 256)
-        engines[mode] = (build_engine(ds, project, model), project)
+        project = with_overrides(base, {"moe.mode": mode, "moe.ep_size": ep, "moe.dropless": args.dropless,
+                                        "data.batch_frames": args.frames * distributed.world(),
+                                        "data.max_frames_per_rank": 0})
+        plan = plan_run(ds, project, distributed.rank(), distributed.world(), distributed.device())
+        engines[mode] = (build_engine(plan, build_model(plan, 256)), plan)
     dev = next(iter(engines.values()))[0].device  # features and targets on the device, lengths on the host
     batch = {k: v.to(dev) if k in ("feats", "targets") else v for k, v in make_batch(args, base.model.n_mels,
                                                                                     256).items()}
-    syncs = {m: step_syncs(engine, project, batch) for m, (engine, project) in engines.items()}
+    syncs = {m: step_syncs(engine, plan, batch) for m, (engine, plan) in engines.items()}
     times = {m: [] for m in engines}
     order = list(engines)
     for r in range(args.rounds + 1):  # round 0 warms up
         for mode in order[r % len(order):] + order[:r % len(order)]:  # rotate: no mode always runs last
-            engine, project = engines[mode]
+            engine, plan = engines[mode]
             engine.train()
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                loss, _, _ = step_loss(engine, project, batch)
+                loss, _, _ = step_loss(engine, plan, batch)
                 engine.backward(loss.total)
                 engine.step()
             if torch.cuda.is_available():

@@ -5,8 +5,10 @@ config on two ranks through DeepSpeed's launcher, and one table: probe, expected
     python -m tools.fault_drill --only lock hung_rank_timeout --keep /tmp/drill
 
 "Nothing lost" means: the last complete checkpoint loads, and a run resumed from it ends with the same
-weights, bit for bit, as one that was never interrupted. The fast probes are also tests
-(``tests/test_faults.py``). Exit status: 0 when every probe that ran passed, 1 otherwise.
+weights, bit for bit, as one that was never interrupted. Each probe returns what it observed (exit codes, the
+output, which checkpoint was resumed, files present) with its verdict; the fast probes are also tests
+(``tests/test_faults.py``), which state their expectations on those observations. Exit status: 0 when every
+probe that ran passed, 1 otherwise.
 """
 import argparse
 import fcntl
@@ -14,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,11 +30,10 @@ import soundfile as sf
 import torch
 
 from trainer import checkpoint, integrity, locks
-from trainer.run import LOCK
+from trainer.locks import OUTPUT_LOCK as LOCK
 from trainer.deepspeed_contract import EXPERT_FILE, MODEL_STATES
+from tools.launching import ROOT, command, launch
 
-ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 LONG = 400  # max_steps of a run that is stopped on purpose
 # A trainer whose checkpoint publication (the last act of a save) sleeps after the first one: a save that
 # takes as long as we like, so a fault can land inside it.
@@ -66,8 +66,13 @@ distributed.end_process(run.main())
 class Row:
     probe: str
     expected: str
-    observed: str
-    ok: Optional[bool]  # None: not run here, ``observed`` says why
+    seen: dict  # what the probe observed, by name: exit codes, outputs, checkpoints, files
+    ok: Optional[bool]  # None: not run here, ``seen["not run"]`` says why
+
+    @property
+    def observed(self) -> str:
+        """The observations for the table; whole outputs (text of several lines) are left out."""
+        return "; ".join(f"{k}: {v}" for k, v in self.seen.items() if not (isinstance(v, str) and "\n" in v))
 
 
 def tiny_config(folder: Path, mode: str = "omni", run: Optional[dict] = None, **ds_extra) -> str:
@@ -82,12 +87,6 @@ def tiny_config(folder: Path, mode: str = "omni", run: Optional[dict] = None, **
     path = Path(folder) / f"{mode}-{len(list(Path(folder).glob('*.json')))}.json"
     path.write_text(json.dumps(cfg))
     return str(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Run:
@@ -161,18 +160,13 @@ class Drill:
         self.env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
         self._reference = None
 
-    def command(self, out: Path, extra=(), ranks: int = 2, config: Optional[str] = None,
-                script: str = "trainer/main.py") -> list:
-        return [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), script,
-                "--deepspeed_config", config or self.config, "--corpus_dir", str(self.corpus),
-                "--output_dir", str(out), *extra]
+    def launch(self, out: Path, extra=(), timeout: float = 600, ranks: int = 2, config: Optional[str] = None,
+               script: str = "trainer/main.py") -> subprocess.CompletedProcess:
+        return launch(config or self.config, self.corpus, out, ranks, extra, timeout, self.env, script)
 
-    def launch(self, out: Path, extra=(), timeout: float = 600, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(self.command(out, extra, **kw), cwd=ROOT, capture_output=True, text=True,
-                              env=self.env, timeout=timeout)
-
-    def start(self, out: Path, extra=(), env: Optional[dict] = None, **kw) -> Run:
-        return Run(self.command(out, extra, **kw), {**self.env, **(env or {})})
+    def start(self, out: Path, extra=(), env: Optional[dict] = None, ranks: int = 2, config: Optional[str] = None,
+              script: str = "trainer/main.py") -> Run:
+        return Run(command(config or self.config, self.corpus, out, ranks, extra, script), {**self.env, **(env or {})})
 
     def slow_trainer(self) -> str:
         path = self.work / "slow_save_main.py"
@@ -215,19 +209,32 @@ def same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def resumed_exactly(drill: Drill, out: Path) -> tuple[bool, str]:
-    """Resume ``out`` to step 8; (its weights equal the reference's bit for bit, what happened)."""
+def resume_to_step8(drill: Drill, out: Path) -> dict:
+    """Resume ``out`` to step 8: its exit code, the checkpoint it resumed from, and whether its step-8 weights
+    equal the reference's bit for bit."""
     proc = drill.launch(out)
-    if proc.returncode != 0:
-        return False, f"resume exit {proc.returncode}"
-    resumed = next((ln for ln in proc.stdout.splitlines() if ln.startswith("resumed from")), "no resume")
-    same = same_weights(out / "checkpoints" / "step8", drill.reference() / "checkpoints" / "step8")
-    return same, f"{resumed.split('/')[-1]}; step-8 weights {'identical' if same else 'DIFFER'}"
+    same = proc.returncode == 0 and same_weights(out / "checkpoints" / "step8",
+                                                 drill.reference() / "checkpoints" / "step8")
+    return {"resume exit": proc.returncode, "resumed": resumed_from(proc.stdout), "step-8 weights identical": same}
 
 
 def latest(out: Path) -> str:
     path = out / "checkpoints" / "latest"
     return path.read_text() if path.exists() else "(none)"
+
+
+def resumed_from(stdout: str) -> str:
+    """The end of the trainer's 'resumed from ...' line: 'step4 at step 4' ('no resume' without one)."""
+    return next((ln.split("/")[-1] for ln in stdout.splitlines() if ln.startswith("resumed from")), "no resume")
+
+
+def usable(out: Path, tag: str) -> str:
+    """'' when the checkpoint is complete and verified, else why not (``checkpoint.problem``)."""
+    return "no checkpoint" if tag == "(none)" else checkpoint.problem(out / "checkpoints", tag)
+
+
+def _step(tag: str) -> int:
+    return int(tag[len("step"):]) if tag.startswith("step") and tag[4:].isdigit() else -1
 
 
 # -- bad input ----------------------------------------------------------------------------------------------
@@ -256,13 +263,13 @@ def probe_bad_input(drill: Drill) -> Row:
     extra = ["--train_manifest", str(manifest), "--dev_manifest", str(drill.corpus / "dev.jsonl")]
     proc = drill.launch(drill.work / "bad_input", extra)
     log = proc.stdout + proc.stderr
-    named = {f"{n + 1}: not JSON", f"{n + 2}: audio", f"{n + 3}", f"{n + 4}", f"{n + 5}: not UTF-8"}
-    seen = sorted(x for x in named if f"train.jsonl:{x}" in log)
-    ok = proc.returncode == 0 and len(seen) == 5 and "skipped 3 utterances whose audio" in log \
+    named = [x for x in (f"{n + 1}: not JSON", f"{n + 2}: audio", f"{n + 3}", f"{n + 4}", f"{n + 5}: not UTF-8")
+             if f"train.jsonl:{x}" in log]
+    seen = {"exit": proc.returncode, "rows named": len(named), "log": log}
+    ok = seen["exit"] == 0 and len(named) == 5 and "skipped 3 utterances whose audio" in log \
         and "samples are NaN or infinite" in log
     return Row("bad_input", "exit 0; 5 bad rows named by file:line (not JSON and not UTF-8 at start-up; missing, "
-               "truncated, NaN when loaded, those 3 skipped and counted)", f"exit {proc.returncode}; {len(seen)}/5 "
-               "named", ok)
+               "truncated, NaN when loaded, those 3 skipped and counted)", seen, ok)
 
 
 def probe_bad_input_strict(drill: Drill) -> Row:
@@ -272,9 +279,9 @@ def probe_bad_input_strict(drill: Drill) -> Row:
                               "--strict_data"])
     listed = [x for x in (f"{n + 1}: not JSON", f"{n + 2}: audio", f"{n + 5}: not UTF-8")
               if f"train.jsonl:{x}" in proc.stderr]
-    ok = proc.returncode == 2 and len(listed) == 3 and not (out / "checkpoints").exists()
-    return Row("bad_input_strict", "exit 2 before training, listing the rows bad at start-up",
-               f"exit {proc.returncode}; {len(listed)}/3 listed", ok)
+    seen = {"exit": proc.returncode, "rows listed": len(listed), "checkpoints": (out / "checkpoints").exists()}
+    return Row("bad_input_strict", "exit 2 before training, listing the rows bad at start-up", seen,
+               seen["exit"] == 2 and len(listed) == 3 and not seen["checkpoints"])
 
 
 def probe_misspelt_section(drill: Drill) -> Row:
@@ -284,37 +291,43 @@ def probe_misspelt_section(drill: Drill) -> Row:
     path.write_text(json.dumps(cfg))
     out = drill.work / "misspelt"
     proc = drill.launch(out, config=str(path))
-    ok = proc.returncode == 2 and "unknown top-level key 'omni-router'" in proc.stderr \
-        and "did you mean 'omni_router'?" in proc.stderr and not out.exists()
-    return Row("misspelt_section", "exit 2 naming 'omni-router' and 'omni_router'; nothing written",
-               f"exit {proc.returncode}; {last_line(proc.stderr)}", ok)
+    seen = {"exit": proc.returncode, "error": last_line(proc.stderr), "stderr": proc.stderr, "written": out.exists()}
+    ok = seen["exit"] == 2 and "unknown top-level key 'omni-router'" in proc.stderr \
+        and "did you mean 'omni_router'?" in proc.stderr and not seen["written"]
+    return Row("misspelt_section", "exit 2 naming 'omni-router' and 'omni_router'; nothing written", seen, ok)
 
 
 def probe_ep_size(drill: Drill) -> Row:
     out = drill.work / "ep_size"
     proc = drill.launch(out, ["--set", "moe.ep_size=4"])
-    ok = proc.returncode == 2 and "use one of 1, 2" in proc.stderr and "Traceback" not in proc.stderr \
-        and not out.exists()
-    return Row("ep_size_vs_world", "exit 2, the message alone (values that work), nothing written",
-               f"exit {proc.returncode}; traceback {'yes' if 'Traceback' in proc.stderr else 'no'}; "
-               f"written {'yes' if out.exists() else 'no'}", ok)
+    seen = {"exit": proc.returncode, "error": last_line(proc.stderr), "stderr": proc.stderr, "written": out.exists()}
+    ok = seen["exit"] == 2 and "use one of 1, 2" in proc.stderr and "Traceback" not in proc.stderr \
+        and not seen["written"]
+    return Row("ep_size_vs_world", "exit 2, the message alone (values that work), nothing written", seen, ok)
+
+
+# Resumes of the reference run (d_model 32, top_k 1, log_every 2) with keys changed: (name, extra arguments).
+CHANGED_CONFIG = [("model keys", ["--set", "model.d_model=48", "--set", "moe.top_k=2"]),
+                  ("shapes, --reset_optimizer", ["--set", "model.d_model=48", "--reset_optimizer"]),
+                  ("fitting, --reset_optimizer", ["--set", "moe.top_k=2", "--reset_optimizer", "--max_steps", "10",
+                                                  "--set", "run.log_every=1"])]
 
 
 def probe_changed_config(drill: Drill) -> Row:
     out = drill.copy_of_reference("changed_config")
-    cases = [(["--set", "model.d_model=48", "--set", "moe.top_k=2"], 2,
-              ["model.d_model: 32 -> 48; moe.top_k: 1 -> 2", "--reset_optimizer"]),
-             (["--set", "model.d_model=48", "--reset_optimizer"], 2, ["do not fit the changed model"]),
-             (["--set", "moe.top_k=2", "--reset_optimizer", "--max_steps", "10", "--set", "run.log_every=1"], 0,
-              ["moe.top_k: 1 -> 2", "run.log_every: 2 -> 1", "(model-defining; weights loaded where they fit)"])]
-    failed = []
-    for extra, code, texts in cases:
+    seen = {}
+    for name, extra in CHANGED_CONFIG:
         proc = drill.launch(out, extra)
-        if proc.returncode != code or not all(t in proc.stdout + proc.stderr for t in texts):
-            failed.append(f"{' '.join(extra)}: exit {proc.returncode}, {last_line(proc.stderr)}")
+        seen.update({f"{name}: exit": proc.returncode, f"{name}: error": last_line(proc.stderr),
+                     f"{name}: output": proc.stdout + proc.stderr})
+    expected = {"model keys": (2, ["model.d_model: 32 -> 48; moe.top_k: 1 -> 2", "--reset_optimizer"]),
+                "shapes, --reset_optimizer": (2, ["do not fit the changed model"]),
+                "fitting, --reset_optimizer": (0, ["moe.top_k: 1 -> 2", "run.log_every: 2 -> 1",
+                                                   "(model-defining; weights loaded where they fit)"])}
+    ok = all(seen[f"{name}: exit"] == code and all(t in seen[f"{name}: output"] for t in texts)
+             for name, (code, texts) in expected.items())
     return Row("resume_changed_config", "model keys refused, named, exit 2 (--reset_optimizer: loaded if shapes "
-               "fit); run keys accepted and printed", f"{len(cases) - len(failed)}/{len(cases)} cases as expected"
-               + "".join(f"; {f}" for f in failed), not failed)
+               "fit); run keys accepted and printed", seen, ok)
 
 
 # -- operator faults ----------------------------------------------------------------------------------------
@@ -326,13 +339,12 @@ def probe_runner_signal(drill: Drill, sig: signal.Signals) -> Row:
     started = time.time()
     os.kill(run.proc.pid, sig)  # the deepspeed runner alone
     alive = gone_by(tree, 120)
-    took = time.time() - started
+    seen = {"processes left": len(alive), "seconds": round(time.time() - started)}
     run.lines += run.proc.stdout.readlines()
-    saved = latest(out)
-    ok = not alive and "launcher that started this rank is gone" in run.log and saved != "(none)" \
-        and not checkpoint.problem(out / "checkpoints", saved)
-    return Row(f"runner_{sig.name}", "ranks notice, save at the next step, exit; no process left",
-               f"{len(alive)} left after {took:.0f} s; saved {saved}", ok)
+    seen.update({"latest": latest(out), "log": run.log})
+    seen["latest problem"] = usable(out, seen["latest"])
+    ok = not alive and "launcher that started this rank is gone" in run.log and not seen["latest problem"]
+    return Row(f"runner_{sig.name}", "ranks notice, save at the next step, exit; no process left", seen, ok)
 
 
 def probe_launcher_sigterm_slow_save(drill: Drill) -> Row:
@@ -343,13 +355,12 @@ def probe_launcher_sigterm_slow_save(drill: Drill) -> Row:
     run.wait_for("step 6/")
     started = time.time()
     run.launcher().send_signal(signal.SIGTERM)
-    code = run.finish()
-    took = time.time() - started
-    stop_tags = [t for t in checkpoint.tags(out / "checkpoints") if t != "step4"]
-    ok = code == 1 and latest(out) == "step4" and stop_tags and checkpoint.problem(out / "checkpoints", stop_tags[-1])
+    seen = {"launcher exit": run.finish(), "seconds": round(time.time() - started), "latest": latest(out)}
+    seen["later saves"] = [t for t in checkpoint.tags(out / "checkpoints") if t != "step4"]
+    seen["later save problem"] = usable(out, seen["later saves"][-1]) if seen["later saves"] else ""
+    ok = seen["launcher exit"] == 1 and seen["latest"] == "step4" and bool(seen["later save problem"])
     return Row("launcher_sigterm_slow_save", "the launcher SIGKILLs the ranks 30 s into a longer save and exits 1; "
-               "the previous checkpoint stays in use", f"launcher exit {code} after {took:.0f} s; latest "
-               f"{latest(out)}; {stop_tags[-1] if stop_tags else 'no'} stop save left incomplete", bool(ok))
+               "the previous checkpoint stays in use", seen, ok)
 
 
 def probe_signal_during_slow_save(drill: Drill) -> Row:
@@ -361,12 +372,12 @@ def probe_signal_during_slow_save(drill: Drill) -> Row:
     run.wait_for("saved checkpoint")  # step 2, published at once; the save at step 4 takes 5 s more
     run.wait_for("step 4/")
     run.rank(1).send_signal(signal.SIGUSR1)
-    code = run.finish()
-    saved = latest(out)
-    ok = code == 75 and "stop requested (by another rank)" in run.log and saved not in ("step2", "step4", "(none)") \
-        and not checkpoint.problem(out / "checkpoints", saved)
+    seen = {"exit": run.finish(), "latest": latest(out), "log": run.log}
+    seen["latest problem"] = usable(out, seen["latest"])
+    ok = seen["exit"] == 75 and "stop requested (by another rank)" in run.log and _step(seen["latest"]) > 4 \
+        and not seen["latest problem"]
     return Row("signal_during_slow_save", "SIGUSR1 to rank 1 during a 5 s save (grace 2 s): all ranks stop after "
-               "it, save, exit 75", f"exit {code}; latest {saved}", ok)
+               "it, save, exit 75", seen, ok)
 
 
 def probe_lock(drill: Drill) -> Row:
@@ -374,7 +385,6 @@ def probe_lock(drill: Drill) -> Row:
     first = drill.start(out, ["--max_steps", str(LONG)])
     first.wait_for("step 2/")
     second = drill.launch(out, ["--max_steps", "4"])
-    refused = second.returncode == 2 and "is in use by another run (pid" in second.stderr
     first.rank(0).kill()
     first.finish()
     with open(out / LOCK, "a") as f:  # what the next run's rank 0 takes first: free once the holder is dead
@@ -383,26 +393,28 @@ def probe_lock(drill: Drill) -> Row:
             free = True
         except BlockingIOError:
             free = False
+    seen = {"second exit": second.returncode, "second error": last_line(second.stderr),
+            "second stderr": second.stderr, "lock free after kill -9": free}
+    ok = second.returncode == 2 and "is in use by another run (pid" in second.stderr and free
     return Row("output_dir_lock", "a second run into the folder exits 2 naming the holder; after kill -9 of the "
-               "holder no stale lock", f"second: exit {second.returncode}; after kill -9 the lock is "
-               f"{'free' if free else 'STILL HELD'}", refused and free)
+               "holder no stale lock", seen, ok)
 
 
 def probe_lock_file(drill: Drill) -> Row:
     out, script = drill.work / "lock_file", drill.no_flock_trainer()
     first = drill.start(out, ["--max_steps", str(LONG)], script=script)
     first.wait_for("step 2/")
-    held = locks.lock_file(out / LOCK).exists()
+    seen = {"lock file made": locks.lock_file(out / LOCK).exists()}
     second = drill.launch(out, ["--max_steps", "4"], script=script)
-    refused = second.returncode == 2 and "is in use by another run (pid" in second.stderr \
-        and f"{locks.LOCK_FILE}; last heartbeat" in second.stderr
+    seen.update({"second exit": second.returncode, "second error": last_line(second.stderr),
+                 "second stderr": second.stderr})
     os.kill(first.proc.pid, signal.SIGTERM)  # the runner alone: the ranks stop, save and exit
-    code = first.finish()
-    gone = not locks.lock_file(out / LOCK).exists()
+    seen["first exit"] = first.finish()
+    seen["lock file removed"] = not locks.lock_file(out / LOCK).exists()
+    ok = seen["lock file made"] and second.returncode == 2 and "is in use by another run (pid" in second.stderr \
+        and f"{locks.LOCK_FILE}; last heartbeat" in second.stderr and seen["lock file removed"]
     return Row("output_dir_lock_file", "without flock: a lock file with heartbeat; a second run exits 2 naming the "
-               "holder and the kind of lock; the file goes when the holder stops",
-               f"lock file {'made' if held else 'MISSING'}; second: exit {second.returncode}; first stopped (runner "
-               f"{code}), lock file {'removed' if gone else 'LEFT'}", held and refused and gone)
+               "holder and the kind of lock; the file goes when the holder stops", seen, ok)
 
 
 def probe_hung_rank_timeout(drill: Drill) -> Row:
@@ -414,13 +426,13 @@ def probe_hung_rank_timeout(drill: Drill) -> Row:
     stuck.suspend()  # SIGSTOP: the rank is alive but never enters the next collective
     started = time.time()
     named = run.wait_for("a collective failed", timeout=120)
-    took = time.time() - started
+    seen = {"collective failure within 120 s": named, "seconds": round(time.time() - started)}
     stuck.resume()
-    code = run.finish()
-    ok = named and code != 0 and "error: rank 0, training step" in run.log
-    line = next((ln for ln in run.lines if "a collective failed" in ln), "").strip()
-    return Row("hung_rank_timeout", "the others' collective times out: exit non-zero naming the step",
-               f"exit {code} {took:.0f} s after the hang: {line[:90]}", ok)
+    seen["exit"] = run.finish()
+    seen["failure line"] = next((ln for ln in run.lines if "a collective failed" in ln), "").strip()
+    seen["log"] = run.log
+    ok = named and seen["exit"] != 0 and "error: rank 0, training step" in run.log
+    return Row("hung_rank_timeout", "the others' collective times out: exit non-zero naming the step", seen, ok)
 
 
 def probe_hung_rank_sigterm(drill: Drill, second_signal: bool) -> Row:
@@ -437,14 +449,14 @@ def probe_hung_rank_sigterm(drill: Drill, second_signal: bool) -> Row:
         time.sleep(0.5)  # two separate signals, not one merged by the kernel
         blocked.send_signal(signal.SIGTERM)
     alive = gone_by([blocked.pid], 60)
-    took = time.time() - started
+    seen = {"signalled rank ended within 60 s": not alive, "seconds": round(time.time() - started, 1)}
     stuck.resume()
     run.finish()
+    seen["log"] = run.log
     why = "second signal" if second_signal else "no step boundary within 3 s"
-    ok = not alive and why in run.log
     return Row("hung_rank_" + ("second_sigterm" if second_signal else "sigterm_grace"),
                f"a rank stuck in a collective ends on {'a second SIGTERM' if second_signal else 'SIGTERM after grace'}",
-               f"{'still alive' if alive else 'ended'} {took:.1f} s after the signal", ok)
+               seen, not alive and why in run.log)
 
 
 # -- integrity and trust ------------------------------------------------------------------------------------
@@ -459,14 +471,12 @@ def probe_corrupted_checkpoint(drill: Drill) -> Row:
     victim = next((out / "checkpoints" / "step8").glob("zero_pp_rank_1_*"))
     flip_byte(victim)  # same size, other bytes
     proc = drill.launch(out, ["--eval_only"])
-    named = f"{victim}: content differs from the SHA-256" in proc.stdout
-    ok = proc.returncode == 0 and named and "resumed from" in proc.stdout and "step4 at step 4" in proc.stdout
-    return Row("corrupted_same_size", "detected by SHA-256 at resume, named; the previous checkpoint is used",
-               f"exit {proc.returncode}; named {named}; {latest_resume(proc.stdout)}", ok)
-
-
-def latest_resume(stdout: str) -> str:
-    return next((ln.split("/")[-1] for ln in stdout.splitlines() if ln.startswith("resumed from")), "no resume")
+    seen = {"damaged file": str(victim), "exit": proc.returncode, "resumed": resumed_from(proc.stdout),
+            "stdout": proc.stdout}
+    ok = seen["exit"] == 0 and f"{victim}: content differs from the SHA-256" in proc.stdout \
+        and seen["resumed"] == "step4 at step 4"
+    return Row("corrupted_same_size", "detected by SHA-256 at resume, named; the previous checkpoint is used", seen,
+               ok)
 
 
 def probe_metrics_once(drill: Drill) -> Row:
@@ -475,12 +485,12 @@ def probe_metrics_once(drill: Drill) -> Row:
     flip_byte(next((out / "checkpoints" / "step8").glob("layer_0_expert_0_*")))
     resumed = drill.launch(out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    keys = [(r["kind"], r["step"]) for r in rows]
+    seen = {"rerun exit": again.returncode, "rerun stdout": again.stdout, "resume exit": resumed.returncode,
+            "resumed": resumed_from(resumed.stdout), "rows": [(r["kind"], r["step"]) for r in rows]}
     ok = again.returncode == 0 and "nothing to do" in again.stdout and resumed.returncode == 0 \
-        and len(keys) == len(set(keys)) and keys == [("train", 2), ("train", 4), ("train", 6), ("train", 8),
-                                                     ("eval", 8)]
-    return Row("metrics_after_resume", "each (kind, step) written once after a rerun and a resume from step 4",
-               f"rows {keys}", ok)
+        and seen["rows"] == [("train", 2), ("train", 4), ("train", 6), ("train", 8), ("eval", 8)]
+    return Row("metrics_after_resume", "each (kind, step) written once after a rerun and a resume from step 4", seen,
+               ok)
 
 
 class _Payload:
@@ -513,12 +523,14 @@ def probe_planted_payload(drill: Drill) -> Row:
     tool = subprocess.run([sys.executable, "-m", "tools.consolidate_checkpoint", str(victim.parent), "--out",
                            str(drill.work / "payload_model")], cwd=ROOT, capture_output=True, text=True, env=drill.env)
     resume = drill.launch(out, ["--eval_only"])
-    refused = f"{victim}: refused: it holds posix.system" in tool.stderr
-    skipped = f"{victim}: refused: it holds posix.system" in resume.stdout and "step4 at step 4" in resume.stdout
-    ok = tool.returncode == 2 and refused and skipped and not marker.exists()
+    seen = {"planted file": str(victim), "consolidate exit": tool.returncode, "consolidate stderr": tool.stderr,
+            "resume exit": resume.returncode, "resumed": resumed_from(resume.stdout), "resume stdout": resume.stdout,
+            "payload ran": marker.exists()}
+    refusal = f"{victim}: refused: it holds posix.system"
+    ok = tool.returncode == 2 and refusal in tool.stderr and resume.returncode == 0 and refusal in resume.stdout \
+        and seen["resumed"] == "step4 at step 4" and not seen["payload ran"]
     return Row("planted_payload", "consolidation and resume refuse the file naming it and the type; nothing runs",
-               f"consolidate exit {tool.returncode}; resume {latest_resume(resume.stdout)}; payload "
-               f"{'RAN' if marker.exists() else 'never ran'}", ok)
+               seen, ok)
 
 
 # -- faults that already held -------------------------------------------------------------------------------
@@ -528,11 +540,9 @@ def probe_kill9_rank(drill: Drill) -> Row:
     run.wait_for("saved checkpoint")
     started = time.time()
     run.rank(1).kill()
-    code = run.finish()
-    took = time.time() - started
-    same, how = resumed_exactly(drill, out)
-    return Row("kill9_rank", "the run ends within seconds; resume exact", f"exit {code} after {took:.0f} s; {how}",
-               code != 0 and took < 60 and same)
+    seen = {"exit": run.finish(), "seconds": round(time.time() - started), **resume_to_step8(drill, out)}
+    ok = seen["exit"] != 0 and seen["seconds"] < 60 and seen["step-8 weights identical"]
+    return Row("kill9_rank", "the run ends within seconds; resume exact", seen, ok)
 
 
 def probe_kill_during_save(drill: Drill) -> Row:
@@ -542,10 +552,9 @@ def probe_kill_during_save(drill: Drill) -> Row:
     run.wait_for("dev mean WER")  # the final evaluation is logged; its save takes 60 s from here
     run.rank(0).kill()
     run.finish()
-    before = latest(out)
-    same, how = resumed_exactly(drill, out)
-    return Row("kill_during_save", "the previous checkpoint stays in use; resume exact",
-               f"latest after the kill {before}; {how}", before == "step4" and same)
+    seen = {"latest after the kill": latest(out), **resume_to_step8(drill, out)}
+    ok = seen["latest after the kill"] == "step4" and seen["step-8 weights identical"]
+    return Row("kill_during_save", "the previous checkpoint stays in use; resume exact", seen, ok)
 
 
 def probe_disk_full(drill: Drill) -> Row:
@@ -556,15 +565,14 @@ def probe_disk_full(drill: Drill) -> Row:
     made = subprocess.run(cmd, capture_output=True, text=True)
     if made.returncode != 0:
         return Row("disk_full", "earlier checkpoints intact",
-                   f"not run: no size-limited file system ({last_line(made.stderr)})", None)
+                   {"not run": f"no size-limited file system ({last_line(made.stderr)})"}, None)
     try:
         out = mount / "run"
         proc = drill.launch(out)
-        kept = latest(out)
-        usable = kept != "(none)" and not checkpoint.problem(out / "checkpoints", kept)
-        ok = proc.returncode != 0 and usable
-        return Row("disk_full", "the run fails; the last complete checkpoint stays usable",
-                   f"exit {proc.returncode}; latest {kept} {'verified' if usable else 'NOT usable'}", ok)
+        seen = {"exit": proc.returncode, "latest": latest(out)}
+        seen["latest problem"] = usable(out, seen["latest"])
+        return Row("disk_full", "the run fails; the last complete checkpoint stays usable", seen,
+                   seen["exit"] != 0 and not seen["latest problem"])
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
 

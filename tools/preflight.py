@@ -38,12 +38,14 @@ import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param
 
 from trainer import distributed, run
-from trainer.config import ConfigError, ModelConfig, MoEConfig, batch_plan, resolve_ep_size, zero_for_world
+from trainer.config import ConfigError, ModelConfig, MoEConfig
 from trainer.data import epoch_batches, loader
+from trainer.datasets import prepare_data
 from trainer.engine import build_engine, build_model, step_loss
 from trainer.features import HOP, WINDOW
 from trainer.host_syncs import count_host_syncs
 from trainer.model import moe_blocks
+from trainer.plan import plan_run
 from trainer.routing import train_capacity
 from trainer.sources import DataError
 from trainer.stopping import launcher_chain
@@ -231,23 +233,23 @@ def synthetic_batch(train_set, micro_frames: int, utt_seconds: float, vocab: int
     return train_set.collate(items), B, T
 
 
-def forward_backward(engine, project, train_set, host_batch: dict):
+def forward_backward(engine, plan, train_set, host_batch: dict):
     """One micro-batch as ``Trainer.train_step`` makes it, up to the optimizer: to the device (device-mode
     features are computed there), forward with the step's all-reduce, backward."""
     batch = train_set.on_device(host_batch, engine.device)
-    loss, _, _ = step_loss(engine, project, batch)
+    loss, _, _ = step_loss(engine, plan, batch)
     engine.backward(loss.total)
 
 
-def step_times(engine, project, train_set, batch: dict, accumulation: int, warmup: int, steps: int) -> list:
-    """Seconds of each timed optimizer step (``accumulation`` micro-batches each), after ``warmup`` steps."""
+def step_times(engine, plan, train_set, batch: dict, warmup: int, steps: int) -> list:
+    """Seconds of each timed optimizer step (the plan's accumulation of micro-batches each), after ``warmup`` steps."""
     engine.train()
     times = []
     for s in range(warmup + steps):
         sync()
         t0 = time.perf_counter()
-        for _ in range(accumulation):
-            forward_backward(engine, project, train_set, batch)
+        for _ in range(plan.batch.accumulation):
+            forward_backward(engine, plan, train_set, batch)
             engine.step()
         sync()
         if s >= warmup:
@@ -315,69 +317,67 @@ def main(argv=None) -> int:
         return 2
     missing = distributed.missing_gpus(bool(launcher_chain()))
     distributed.init(project.run.collective_timeout_s)
-    world = distributed.world()
     try:
-        plan = batch_plan(project.data, world)
-        ep_size = resolve_ep_size(project.moe, world)
-        zero_for_world(ds_config, project, world)
-        train_set, _, tokenizer = run.prepare_data(project)
+        plan = plan_run(ds_config, project, distributed.rank(), distributed.world(), distributed.device())
+        train_set, _, tokenizer = prepare_data(plan)
     except ConfigError as e:
         print(f"config error:\n{e}", file=sys.stderr)
         return 2
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         return 2
-    model = build_model(project, tokenizer.vocab_size)
-    engine = build_engine(ds_config, project, model)
+    model = build_model(plan, tokenizer.vocab_size)
+    engine = build_engine(plan, model)
     distributed.apply_timeout()
-    results = measure(own, project, plan, ep_size, engine, model, train_set, tokenizer.vocab_size, missing)
+    results = measure(own, plan, engine, model, train_set, tokenizer.vocab_size, missing)
     if distributed.rank() == 0:
-        report(own, project, plan, ep_size, engine, results)
+        report(own, plan, engine, results)
     distributed.barrier()
     return 0
 
 
-def measure(own, project, plan, ep_size: int, engine, model, train_set, vocab: int, missing: str) -> dict:
+def measure(own, plan, engine, model, train_set, vocab: int, missing: str) -> dict:
     """Every measurement, on every rank (each section's collectives are entered by all); the figures of all
     ranks gathered, or their slowest."""
+    project, split = plan.project, plan.batch
     r = {"devices": distributed.gather_objects(this_rank(missing)), "world": distributed.world()}
     comm_dtype = engine.communication_data_type
     dense = sum(p.numel() for p in model.parameters() if not is_moe_param(p)) * comm_dtype.itemsize
     r["all_reduce"] = (dense, comm_dtype, all_reduce_time(dense, comm_dtype, own.reps) if r["world"] > 1 else None)
-    batch, B, T = synthetic_batch(train_set, plan.micro_frames, own.utt_seconds, vocab,
+    batch, B, T = synthetic_batch(train_set, split.micro_frames, own.utt_seconds, vocab,
                                   project.model.frame_stacking, seed=distributed.rank())
     r["batch"] = (B, T)
     routers = model.routers()
-    if routers and ep_size > 1:
+    if routers and plan.ep_size > 1:
         rows, uneven = a2a_rows(project, B * -(-T // project.model.frame_stacking))
         dtype = next(model.parameters()).dtype
-        seconds = all_to_all_time(rows, project.model.d_model, dtype, uneven, routers[0].ep_group, ep_size,
+        seconds = all_to_all_time(rows, project.model.d_model, dtype, uneven, routers[0].ep_group, plan.ep_size,
                                   own.reps)
         r["all_to_all"] = (rows * project.model.d_model * dtype.itemsize, dtype, uneven, seconds)
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
-    times = step_times(engine, project, train_set, batch, plan.accumulation, own.warmup, own.steps)
+    times = step_times(engine, plan, train_set, batch, own.warmup, own.steps)
     r["step_s"] = slowest(statistics.median(times))
     with count_host_syncs() as log:
-        forward_backward(engine, project, train_set, batch)
+        forward_backward(engine, plan, train_set, batch)
     engine.step()
     r["syncs"] = (log.count, log.summary())
     gb, what = peak_memory_gb(engine.device)
     r["memory"] = (slowest(gb), what)
-    r["loader"] = distributed.gather_objects(loader_rate(train_set, plan.micro_frames, project.run.seed,
+    r["loader"] = distributed.gather_objects(loader_rate(train_set, split.micro_frames, project.run.seed,
                                                          own.loader_seconds))
-    r["flops"] = model_flops(project.model, project.moe, B, T, vocab) * plan.accumulation
-    r["audio_per_step"] = B * T * plan.accumulation / FRAMES_PER_S
+    r["flops"] = model_flops(project.model, project.moe, B, T, vocab) * split.accumulation
+    r["audio_per_step"] = B * T * split.accumulation / FRAMES_PER_S
     return r
 
 
-def report(own, project, plan, ep_size: int, engine, r: dict):
+def report(own, plan, engine, r: dict):
     """The sections and the verdicts, on rank 0."""
-    world, verdicts = r["world"], []
+    project, split, world, verdicts = plan.project, plan.batch, r["world"], []
     params = sum(p.numel() for p in engine.module.parameters())
     dropless = " dropless" if project.moe.dropless and project.moe.mode != "dense" else ""
     print(f"preflight: mode {project.moe.mode}{dropless}, {params:,} parameters "
-          f"on rank 0, {world} rank(s), ep_size {ep_size}; {plan.describe()}")
+          f"on rank 0, {world} rank(s), ep_size {plan.ep_size}; {split.describe()}")
     print("== devices")
     report_devices(r["devices"])
     missing = [i for i, d in enumerate(r["devices"]) if d["missing"]]
@@ -398,10 +398,10 @@ def report(own, project, plan, ep_size: int, engine, r: dict):
                         "if not overlapped with backward)")
     if "all_to_all" in r:
         nbytes, dtype, uneven, seconds = r["all_to_all"]
-        gbps = bus_gbps(nbytes, seconds, ep_size, lambda n: (n - 1) / n)
-        calls = 4 * len(moe_blocks(project.model, project.moe)) * plan.accumulation
-        print(f"all-to-all of one MoE layer, {nbytes / 1e6:.2f} MB {str(dtype)[6:]} per rank over {ep_size} ranks "
-              f"({'uneven splits, dropless' if uneven else 'capacity buffer, equal splits'}): "
+        gbps = bus_gbps(nbytes, seconds, plan.ep_size, lambda n: (n - 1) / n)
+        calls = 4 * len(moe_blocks(project.model, project.moe)) * split.accumulation
+        print(f"all-to-all of one MoE layer, {nbytes / 1e6:.2f} MB {str(dtype)[6:]} per rank over {plan.ep_size} "
+              f"ranks ({'uneven splits, dropless' if uneven else 'capacity buffer, equal splits'}): "
               f"{seconds * 1e3:.2f} ms, bus {gbps:.3g} GB/s; {calls} per step")
         verdicts.append(f"all-to-all takes {100 * seconds * calls / step_s:.0f}% of the step ({calls} x "
                         f"{seconds * 1e3:.2f} ms)")
@@ -414,7 +414,7 @@ def report(own, project, plan, ep_size: int, engine, r: dict):
     gpu = r["devices"][0]["gpu"]
     half = engine.bfloat16_enabled() or engine.fp16_enabled()
     peak = peak_tflops(gpu, half, own.peak_tflops)
-    print(f"{plan.accumulation} micro-batch(es) of {B} x {T / FRAMES_PER_S:.1f} s ({B * T:,} frames) per rank; "
+    print(f"{split.accumulation} micro-batch(es) of {B} x {T / FRAMES_PER_S:.1f} s ({B * T:,} frames) per rank; "
           f"median of {own.steps} steps after {own.warmup}: {step_s * 1e3:.1f} ms per step (slowest rank)")
     mfu = f"MFU {100 * tflops / peak:.0f}% of {peak:g} TFLOP/s" if peak else \
         f"peak unknown for {gpu or r['devices'][0]['kind']} (--peak_tflops)"
@@ -435,7 +435,7 @@ def report(own, project, plan, ep_size: int, engine, r: dict):
     else:
         rate = min(x[0] for x in rates)
         per_batch = statistics.mean(x[1] for x in rates)
-        demand = per_batch * plan.accumulation / step_s
+        demand = per_batch * split.accumulation / step_s
         needed = max(1, math.ceil(demand / rate))
         print(f"one process delivers {rate:.0f} s of audio per s (slowest rank, {sum(x[2] for x in rates)} "
               f"batches read, {per_batch:.1f} s of audio per batch); the step consumes {demand:.1f} s/s per rank")

@@ -24,6 +24,7 @@ import torch
 
 from trainer import distributed, integrity
 from trainer.deepspeed_contract import MODEL_STATES, SAFE_GLOBALS, loading_ranks, set_schedule_position
+from trainer.plan import RunPlan
 from trainer.text import tokenizer_problem
 
 RECORD = "complete.json"
@@ -73,9 +74,7 @@ class Record:
     def from_saved(cls, saved: dict) -> "Record":
         """The record inside DeepSpeed's saved dict (``mp_rank_00_model_states.pt`` or ``load_checkpoint``'s
         client state), which also holds DeepSpeed's own keys."""
-        found = {f.name: saved[f.name] for f in fields(cls) if f.name in saved}
-        found.update(saved.get("sampler", {}))  # checkpoints of 0.1.0 kept the data position in a "sampler" dict
-        return cls(**found)
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
     def client_state(self) -> dict:
         return asdict(self)
@@ -104,7 +103,7 @@ def tags(ckpt_dir: Path) -> list[str]:
 
 def recorded_files(ckpt_dir: Path, tag: str) -> tuple[str, dict]:
     """The cheap half of the check: (why the checkpoint cannot be used or '', {name: {"bytes", "sha256"}} of its
-    record), every recorded file there with its size (records of 0.2 and before hold sizes only: sha256 None)."""
+    record), every recorded file there with its size."""
     record = ckpt_dir / tag / RECORD
     if not record.exists():
         return f"{ckpt_dir / tag}: incomplete (no {RECORD}; the save did not finish)", {}
@@ -112,7 +111,6 @@ def recorded_files(ckpt_dir: Path, tag: str) -> tuple[str, dict]:
         files = json.loads(record.read_text())["files"]
     except (json.JSONDecodeError, KeyError) as e:
         return f"{record}: unreadable ({e})", {}
-    files = {name: {"bytes": e, "sha256": None} if isinstance(e, int) else e for name, e in files.items()}
     for name, entry in files.items():
         path = ckpt_dir / tag / name
         if not path.exists():
@@ -126,7 +124,7 @@ def file_problem(path: Path, entry: dict) -> str:
     """The costly half, for one file: its SHA-256 against the record's, and a ``.pt`` file opened without
     running code (before DeepSpeed opens it)."""
     try:  # an error here would leave the other ranks waiting: it is the file's problem, reported as such
-        if entry["sha256"] and integrity.digest(path) != entry["sha256"]:
+        if integrity.digest(path) != entry["sha256"]:
             return f"{path}: content differs from the SHA-256 recorded when it was written (corrupted)"
     except OSError as e:
         return f"{path}: unreadable ({e})"
@@ -297,8 +295,9 @@ class Checkpointer:
     """The run's checkpoint policy over one engine: saves with the run's files, keeps the newest ``keep_last``
     and the best by mean dev WER, and resumes from the newest usable checkpoint."""
 
-    def __init__(self, engine, out_dir: Path, keep_last: int, timeout_s: float = 1800.0):
-        self.engine, self.out_dir, self.keep_last, self.timeout_s = engine, Path(out_dir), keep_last, timeout_s
+    def __init__(self, engine, plan: RunPlan):
+        self.engine, self.plan, self.out_dir = engine, plan, plan.output_dir
+        self.keep_last, self.timeout_s = plan.project.run.keep_last, plan.project.run.checkpoint_timeout_s
         self.dir = self.out_dir / "checkpoints"
         self.best = {"wer": math.inf, "tag": ""}
 
@@ -315,14 +314,15 @@ class Checkpointer:
         distributed.log0(f"saved checkpoint {self.dir / tag}")
         return tag
 
-    def resume(self, project_config: dict, world_size: int, ep_size: int, reset_optimizer: bool) -> Optional[Record]:
+    def resume(self, reset_optimizer: bool) -> Optional[Record]:
         """Continue from the newest usable checkpoint, if any: weights, optimizer, scheduler, step, random
         states (the data position is in the record returned). A different world size or ep_size needs
         ``reset_optimizer`` (weights only); the learning-rate schedule then continues from the step. Config
         changes since the checkpoint are named: run-level ones are accepted, model-defining ones refused
         unless ``reset_optimizer`` and the weights still fit."""
+        project_config, world_size, ep_size = self.plan.project.model_dump(), self.plan.world, self.plan.ep_size
         with distributed.timeout(self.timeout_s):  # ranks wait for the slowest to hash its share of the files
-            newest, warnings = self.newest_verified(world_size, ep_size, project_config["moe"]["num_experts"])
+            newest, warnings = self.newest_verified(world_size, ep_size, self.plan.project.moe.num_experts)
             written = distributed.broadcast_from_rank0(read_record(self.dir, newest) if newest and _rank0() else None)
         for w in warnings:
             distributed.log0(f"WARNING: skipping a damaged checkpoint: {w}")

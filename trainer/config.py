@@ -3,17 +3,14 @@
 DeepSpeed validates its keys when the engine starts; the project section is validated here, before any
 process group exists, so a typo costs seconds, not a queued cluster job. Errors name the file and the key.
 """
-import difflib
-import importlib.util
 import json
-import math
-import re
-from dataclasses import dataclass
-from functools import lru_cache
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainer import deepspeed_config
 
 SECTION = "omni_router"
 
@@ -179,61 +176,12 @@ class ProjectConfig(_Strict):
     run: RunConfig = RunConfig()
 
 
-DEEPSPEED_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """How ``data.batch_frames`` is split over ranks and accumulation steps for a world size."""
-    batch_frames: int
-    world: int
-    accumulation: int
-    micro_frames: int  # padded frames per micro-batch per rank
-
-    def describe(self) -> str:
-        frames = self.micro_frames * self.world * self.accumulation
-        audio = f"{frames / 6000:.1f} min" if frames < 360000 else f"{frames / 360000:.1f} h"
-        return (f"batch {frames:,} frames ({audio} of padded audio) per step = {self.world} rank(s) x "
-                f"{self.accumulation} micro-batch(es) x {self.micro_frames:,} frames")
-
-
-def batch_plan(data: "DataConfig", world: int) -> BatchPlan:
-    """Accumulation derived so the global batch stays ``batch_frames`` whatever the number of ranks."""
-    per_rank = data.batch_frames // world
-    cap = data.max_frames_per_rank or per_rank
-    accumulation = -(-per_rank // cap)
-    micro = per_rank // accumulation
-    if micro < 100:
-        raise ConfigError(f"{SECTION}.data.batch_frames: {data.batch_frames} frames over {world} ranks x "
-                          f"{accumulation} accumulation steps leaves {micro} frames (under 1 s) per micro-batch")
-    return BatchPlan(data.batch_frames, world, accumulation, micro)
-
-
 def _format(err: ValidationError, path: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join([SECTION, *(str(p) for p in e["loc"])])
         lines.append(f"{path}: {key}: {e['msg']}")
     return "\n".join(lines)
-
-
-@lru_cache(maxsize=None)
-def deepspeed_keys() -> frozenset:
-    """Every snake_case string literal in DeepSpeed's source: a superset of the top-level keys it reads, which
-    are spread over some twenty modules with no registry (0.1 s, without importing DeepSpeed)."""
-    root = Path(importlib.util.find_spec("deepspeed").origin).parent
-    literal = re.compile(r"""['"]([a-z][a-z0-9_]*)['"]""")
-    return frozenset(k for f in root.rglob("*.py") for k in literal.findall(f.read_text(errors="replace")))
-
-
-def _unknown_keys(raw: dict, path: str):
-    """A top-level key that is neither the project's section nor a key DeepSpeed knows is a typo: a misspelt
-    section would otherwise be ignored and the run would train the defaults."""
-    for key in raw:
-        if key != SECTION and key not in deepspeed_keys():
-            close = difflib.get_close_matches(key, [SECTION, *deepspeed_keys()], n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{path}: unknown top-level key '{key}': neither '{SECTION}' nor a DeepSpeed key{hint}")
 
 
 def load_config(path: str) -> tuple[dict, ProjectConfig]:
@@ -246,83 +194,45 @@ def load_config(path: str) -> tuple[dict, ProjectConfig]:
         raise ConfigError(f"{path}: line {e.lineno} column {e.colno}: invalid JSON: {e.msg}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a JSON object")
-    _unknown_keys(raw, path)
     ds = dict(raw)
-    fixed = [k for k in DEEPSPEED_BATCH_KEYS if k in ds]
-    if fixed:
-        raise ConfigError(f"{path}: {', '.join(fixed)}: remove; the batch is one setting, {SECTION}.data.batch_frames "
-                          "(padded frames per optimizer step over all ranks), and the trainer derives DeepSpeed's "
-                          "batch keys and gradient accumulation from it for each world size")
     try:
+        deepspeed_config.check_top_level(raw, SECTION)
         project = ProjectConfig.model_validate(ds.pop(SECTION, {}))
+        deepspeed_config.check_zero_stage(ds, project.moe.mode)
     except ValidationError as e:
         raise ConfigError(_format(e, path)) from None
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage == 0:
-        raise ConfigError(f"{path}: zero_optimization.stage: 0 (or absent) is refused: only DeepSpeed's ZeRO "
-                          "optimizer (stage 1 or 2) detects a non-finite gradient and skips that step on every rank")
-    if stage == 3 and project.moe.mode != "dense":
-        raise ConfigError(f"{path}: zero_optimization.stage: 3 is refused with MoE (mode '{project.moe.mode}'): "
-                          "DeepSpeed's native MoE layers work with ZeRO stage 0, 1 or 2 only")
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return ds, project
 
 
-def zero_for_world(ds: dict, project: ProjectConfig, world: int) -> dict:
-    """DeepSpeed's ``zero_optimization`` for this world size. ZeRO 1 on one rank reduces nothing, so the copy of
-    every gradient into a contiguous bucket is skipped (``contiguous_gradients: false`` unless set: a pass over
-    all parameters fewer, and MoE has three times dense's). With expert parallelism that setting is refused:
-    DeepSpeed 0.19.8's path without contiguous gradients then reduces expert gradients wrongly."""
-    zero, ep_size = dict(ds.get("zero_optimization", {})), resolve_ep_size(project.moe, world)
-    if world == 1 and zero.get("stage") == 1:
-        zero.setdefault("contiguous_gradients", False)
-    elif zero.get("contiguous_gradients") is False and ep_size > 1:
-        raise ConfigError(f"zero_optimization.contiguous_gradients: false is refused with expert parallelism "
-                          f"(ep_size {ep_size}): DeepSpeed 0.19.8 then reduces expert "
-                          "gradients wrongly (the global gradient norm of one step on two expert-parallel ranks is "
-                          "0.9518 against 0.9486 on one); remove the key: on one rank the trainer turns it off "
-                          "by itself")
-    return zero
-
-
-def resolve_ep_size(moe: MoEConfig, world_size: int) -> int:
-    """'auto' spreads experts over as many ranks as divide both the world and the expert count."""
-    if moe.mode == "dense":
-        return 1
-    if moe.ep_size == "auto":
-        return math.gcd(world_size, moe.num_experts)
-    if world_size % moe.ep_size:
-        fits = [n for n in range(1, world_size + 1) if world_size % n == 0 and moe.num_experts % n == 0]
-        raise ConfigError(f"{SECTION}.moe.ep_size: {moe.ep_size} does not divide the world size {world_size}; with "
-                          f"{world_size} rank(s) and {moe.num_experts} experts use one of "
-                          f"{', '.join(map(str, fits))}, or \"auto\" ({math.gcd(world_size, moe.num_experts)})")
-    return moe.ep_size
-
-
-def parse_assignment(text: str) -> tuple[list[str], object]:
-    """``section.key=value`` (``--set``) -> (key path, value); the value is read as JSON, else as a string."""
+def parse_assignment(text: str) -> tuple[str, object]:
+    """``section.key=value`` (``--set``) -> (dotted key, value); the value is read as JSON, else as a string."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {text}: expected KEY=VALUE, for example run.max_steps=5")
     try:
-        return key.split("."), json.loads(value)
+        return key, json.loads(value)
     except json.JSONDecodeError:
-        return key.split("."), value
+        return key, value
 
 
-def with_assignments(project: ProjectConfig, assignments: list[tuple[list[str], object]]) -> ProjectConfig:
-    """A copy with the values at the given key paths replaced, re-validated; errors name the key."""
+def with_overrides(project: ProjectConfig, values: Union[Mapping[str, object], Iterable[tuple[str, object]]],
+                   origin: str = "--set") -> ProjectConfig:
+    """A copy with the values at dotted keys replaced, in order (``{"run.max_steps": 5}``; a key may name a
+    whole section), re-validated. Errors are ConfigErrors naming ``origin`` and the key."""
     merged = project.model_dump()
-    for path, value in assignments:
-        node = merged
+    for key, value in values.items() if isinstance(values, Mapping) else values:
+        path, node = key.split("."), merged
         for i, k in enumerate(path[:-1]):
             if not isinstance(node.get(k), dict):
-                raise ConfigError(f"--set {'.'.join(path)}: {SECTION}.{'.'.join(path[:i + 1])} is not a section")
+                raise ConfigError(f"{origin} {key}: {SECTION}.{'.'.join(path[:i + 1])} is not a section")
             node = node[k]
         node[path[-1]] = value
     try:
         return ProjectConfig.model_validate(merged)
     except ValidationError as e:
-        raise ConfigError(_format(e, "--set")) from None
+        raise ConfigError(_format(e, origin)) from None
 
 
 def reference_table() -> str:
@@ -341,11 +251,3 @@ def reference_table() -> str:
 
     walk(ProjectConfig, "")
     return "\n".join(rows)
-
-
-def with_overrides(project: ProjectConfig, **sections) -> ProjectConfig:
-    """A copy with some fields replaced, re-validated: ``with_overrides(cfg, run={'max_steps': 5})``."""
-    merged = project.model_dump()
-    for name, fields in sections.items():
-        merged[name].update(fields)
-    return ProjectConfig.model_validate(merged)

@@ -37,7 +37,9 @@ When the DeepSpeed pin moves, check each item against the new source (``deepspee
   (``load_moe_state_dict``); rank i alone ``[bf16_]zero_pp_rank_i_mp_rank_00_optim_states.pt`` (non-elastic
   ZeRO 1/2: ``_get_all_zero_checkpoint_state_dicts`` loads only its own dp rank's file); the ranks of ep rank r
   ``expp_rank_r_...optim_states.pt`` (no ZeRO).
-* ``config.deepspeed_keys`` reads DeepSpeed's source for the names of its config keys.
+* ``deepspeed_config.known_keys`` reads DeepSpeed's source for the names of its config keys;
+  ``deepspeed_config.zero_for_world`` refuses ``contiguous_gradients: false`` with expert parallelism (0.19.8's
+  path without contiguous gradients reduces expert gradients wrongly).
 * On one node, the ``deepspeed`` runner starts ``python -m deepspeed.launcher.launch`` and waits for it,
   forwarding no signal; the launcher starts the ranks, forwards SIGTERM/SIGINT to them, SIGKILLs them 30 s
   later and exits 1 (or with the status of the first rank that failed).

@@ -149,16 +149,18 @@ def gather_objects(obj) -> list:
     return out
 
 
-def on_rank0(fn: Callable, errors=(OSError, ValueError, RuntimeError)) -> str:
-    """Run ``fn`` on rank 0 while the others wait; return its error message ('' if none) on every rank, so no
-    rank is left waiting for one that failed."""
+def on_rank0(fn: Callable, raises: type, errors=(OSError, ValueError, RuntimeError)):
+    """Run ``fn`` on rank 0 while the others wait; its error, if any, is raised on every rank as ``raises`` (with
+    the error's type and message), so no rank is left waiting for one that failed."""
     message = ""
     if rank() == 0:
         try:
             fn()
         except errors as e:
             message = f"{type(e).__name__}: {e}"
-    return broadcast_from_rank0(message)
+    message = broadcast_from_rank0(message)
+    if message:
+        raise raises(message)
 
 
 def group_max(value: torch.Tensor, group) -> int:

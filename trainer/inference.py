@@ -10,7 +10,8 @@ import soundfile as sf
 import torch
 
 from trainer import checkpoint
-from trainer.config import ProjectConfig, batch_plan, with_overrides
+from trainer.config import ProjectConfig, with_overrides
+from trainer.plan import plan_run
 from trainer.data import SpeechDataset, length_batches, loader
 from trainer.decode import greedy_labels
 from trainer.export import load_consolidated
@@ -40,7 +41,7 @@ class Recognizer:
         folder = Path(model_dir)
         cmvn = str(folder / checkpoint.CMVN) if self.meta.get("cmvn") else ""
         self.project = with_overrides(ProjectConfig.model_validate(self.meta["project_config"]),
-                                      data={"global_cmvn": cmvn})
+                                      {"data.global_cmvn": cmvn}, origin=f"{model_dir}: project_config")
         self.tokenizer = Tokenizer(str(folder / checkpoint.TOKENIZER))
 
     @torch.no_grad()
@@ -49,7 +50,7 @@ class Recognizer:
         on stderr by the dataset. Nothing is dropped at inference, so the output does not depend on the batch; its
         size defaults to one rank's micro-batch of the run."""
         dataset = SpeechDataset(utts, self.tokenizer, self.project.data, self.project.model.n_mels, train=False)
-        max_frames = max_frames or batch_plan(self.project.data, 1).micro_frames
+        max_frames = max_frames or plan_run({}, self.project, 0, 1).batch.micro_frames
         for batch in loader(dataset, length_batches(utts, max_frames), workers):
             if not batch["weight"].any():  # every file of this batch failed to decode
                 continue

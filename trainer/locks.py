@@ -33,6 +33,7 @@ import psutil
 FLOCK = "flock"
 LOCK_FILE = "lock file with heartbeat, the file system has no flock"
 NO_FLOCK = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)  # EOPNOTSUPP is ENOTSUP on Linux
+OUTPUT_LOCK = ".lock"  # in a run's output folder: who is writing into it
 HEARTBEAT_S = 10.0
 STALE_HEARTBEATS = 10
 _HOLDER = re.compile(r"pid (\d+) on (\S+) since (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
@@ -127,6 +128,17 @@ def acquire(path, wait: bool = False, heartbeat_s: float = HEARTBEAT_S, poll_s: 
             print(f"{path}: flock fails here ({errno.errorcode.get(e.errno, e.errno)}: the file system has no "
                   f"locks): using a lock file with heartbeat instead, {lock_file(path)}", flush=True)
     return _lock_file(lock_file(path), wait, heartbeat_s, poll_s)
+
+
+def claim_output_dir(out: Path) -> Lock:
+    """The lock on a run's output folder, held for the run's life: a second run into the folder stops before
+    writing anything (``LockBusy`` naming the holder and the kind of lock)."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return acquire(out / OUTPUT_LOCK)
+    except LockBusy as e:
+        raise LockBusy(f"{out} is in use by another run ({e}); wait for it to end, stop it, or choose another "
+                       "--output_dir") from None
 
 
 def lock_file(path) -> Path:

@@ -9,19 +9,18 @@ import time
 from itertools import chain
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from trainer import distributed
 from trainer.checkpoint import Checkpointer, Record
-from trainer.config import ProjectConfig, batch_plan, resolve_ep_size
 from trainer.data import (SamplerState, SpeechDataset, describe, epoch_batches, length_batches, loader,
                           padding_fraction, with_last)
 from trainer.distributed import log0
 from trainer.engine import step_loss
 from trainer.evaluation import evaluate_dev_sets
 from trainer.model import moe_blocks
+from trainer.plan import RunPlan
 from trainer.stopping import StopSignal
 from trainer.telemetry import RunLogger, TrainMeter
 
@@ -44,14 +43,12 @@ class StepResult:
 class Trainer:
     """The training loop around one DeepSpeed engine."""
 
-    def __init__(self, engine, project: ProjectConfig, train_set: SpeechDataset, dev_sets: dict, tokenizer,
-                 out_dir: str):
-        self.engine, self.project, self.train_set, self.dev_sets = engine, project, train_set, dev_sets
-        self.tokenizer, self.out_dir = tokenizer, Path(out_dir)
-        self.checkpointer = Checkpointer(engine, self.out_dir, project.run.keep_last, project.run.checkpoint_timeout_s)
-        self.logger = RunLogger(self.out_dir, engine.monitor, project.run.max_steps)
-        self.plan = batch_plan(project.data, distributed.world())
-        self.moe_layers = len(moe_blocks(project.model, project.moe))
+    def __init__(self, engine, plan: RunPlan, train_set: SpeechDataset, dev_sets: dict, tokenizer):
+        self.engine, self.plan, self.project = engine, plan, plan.project
+        self.train_set, self.dev_sets, self.tokenizer = train_set, dev_sets, tokenizer
+        self.checkpointer = Checkpointer(engine, plan)
+        self.logger = RunLogger(plan.output_dir, engine.monitor, plan.project.run.max_steps)
+        self.moe_layers = len(moe_blocks(plan.project.model, plan.project.moe))
         self.state = SamplerState()
         self.bad_in_a_row = self.skipped_steps = 0
         self.history = []
@@ -62,19 +59,16 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------------
     def save(self, finished: bool = False) -> str:
         self.phase = f"saving checkpoint step{self.engine.global_steps}"
-        world = distributed.world()
         with self.stop.save() if self.stop else nullcontext():
             return self.checkpointer.save(Record(
                 project_config=self.project.model_dump(), step=self.engine.global_steps, epoch=self.state.epoch,
-                position=self.state.position, world_size=world, ep_size=resolve_ep_size(self.project.moe, world),
+                position=self.state.position, world_size=self.plan.world, ep_size=self.plan.ep_size,
                 finished=finished))
 
     def resume(self, reset_optimizer: bool = False) -> bool:
         """Continue from the newest usable checkpoint, if any (see ``Checkpointer.resume``); the metrics written
         after it are dropped, as they are computed again."""
-        world, project = distributed.world(), self.project
-        record = self.checkpointer.resume(project.model_dump(), world, resolve_ep_size(project.moe, world),
-                                          reset_optimizer)
+        record = self.checkpointer.resume(reset_optimizer)
         if record is not None:
             self.state = SamplerState(record.epoch, record.position)
             self.finished = record.finished and record.step >= self.project.run.max_steps
@@ -89,8 +83,8 @@ class Trainer:
             return 0
         utts = self.train_set.utts
         if utts:  # a sharded set is read lazily: its batches are not known in advance
-            all_batches = length_batches(utts, self.plan.micro_frames)
-            log0(f"{self.plan.describe()}; {len(all_batches)} micro-batches per epoch, padding "
+            all_batches = length_batches(utts, self.plan.batch.micro_frames)
+            log0(f"{self.plan.batch.describe()}; {len(all_batches)} micro-batches per epoch, padding "
                  f"{100 * padding_fraction(utts, all_batches):.1f}% of frames")
         self.stop = stop = StopSignal(self.project.run.stop_grace_s)
         started, first_step = time.time(), self.engine.global_steps
@@ -99,8 +93,9 @@ class Trainer:
             if self.train_epoch(stop, started, first_step) == REQUEUE:
                 return REQUEUE
         result = self.evaluate_and_save(finished=True)
-        if distributed.rank() == 0:
-            (self.out_dir / "results.json").write_text(json.dumps({"train": self.history, "dev": result}, indent=1))
+        if self.plan.rank == 0:
+            results = {"train": self.history, "dev": result}
+            (self.plan.output_dir / "results.json").write_text(json.dumps(results, indent=1))
         return 0
 
     def train_epoch(self, stop: StopSignal, started: float, first_step: int):
@@ -108,17 +103,17 @@ class Trainer:
         ends where the ranks agree that one has no further batch (the data position moves to the next epoch
         before that step's checkpoint), or at once when a rank resumes with none left."""
         engine, run = self.engine, self.project.run
-        rank, world = distributed.rank(), distributed.world()
-        batches = epoch_batches(self.train_set, self.plan.micro_frames, run.seed, self.state.epoch, rank, world,
-                                start=self.state.position)
+        rank, world = self.plan.rank, self.plan.world
+        batches = epoch_batches(self.train_set, self.plan.batch.micro_frames, run.seed, self.state.epoch, rank,
+                                world, start=self.state.position)
         self.train_set.epoch, skipped = self.state.epoch, 0
         engine.train()
         stream = with_last(loader(self.train_set, batches, self.project.data.num_workers))
         first = next(stream, None)
         if distributed.sum_over_ranks({"empty": torch.tensor([float(first is None)])})["empty"][0] > 0:
             if self.state.position == 0:
-                raise TrainingError(f"{world} ranks and {self.plan.micro_frames} frames per micro-batch leave no "
-                                    f"training batch for every rank in epoch {self.state.epoch} "
+                raise TrainingError(f"{world} ranks and {self.plan.batch.micro_frames} frames per micro-batch leave "
+                                    f"no training batch for every rank in epoch {self.state.epoch} "
                                     f"({describe(self.train_set.utts, self.train_set.shards)})")
             # All ranks took `position` batches and one has no more: a checkpoint saved at the epoch's end.
             self.state.epoch, self.state.position = self.state.epoch + 1, 0
@@ -127,7 +122,7 @@ class Trainer:
             self.state.position += 1
             skipped += batch["skipped"]
             self.phase = f"training step {engine.global_steps + 1}"
-            ready = self.train_set.on_device(batch, engine.device)  # features on the device (data.features_on)
+            ready = self.train_set.on_device(batch, self.plan.device)  # features on the device (data.features_on)
             result = self.train_step(ready, self.meter, bool(stop.received), last)
             if result.last:
                 report_skipped(skipped, self.state.epoch)
@@ -164,7 +159,7 @@ class Trainer:
         ``batch`` as ``SpeechDataset.on_device`` readies it. Host syncs: the step's outcome (``step_totals``),
         the capacity's frame count or the split sizes (``trainer.host_syncs``), and DeepSpeed's in ``step``."""
         engine = self.engine
-        loss, out, totals = step_loss(engine, self.project, batch, stop_requested, last)
+        loss, out, totals = step_loss(engine, self.plan, batch, stop_requested, last)
         boundary = engine.is_gradient_accumulation_boundary()  # DeepSpeed advances it in step()
         if totals.bad_loss:
             self.count_bad_step("loss")
@@ -207,7 +202,7 @@ class Trainer:
         """Every dev set, logged (loss, WER, routing telemetry)."""
         data = self.project.data
         self.phase = f"evaluation at step {self.engine.global_steps}"
-        result = evaluate_dev_sets(self.engine, self.dev_sets, self.tokenizer, self.plan.micro_frames,
+        result = evaluate_dev_sets(self.engine, self.dev_sets, self.tokenizer, self.plan.batch.micro_frames,
                                    data.num_workers, self.moe_layers, self.project.moe.num_experts,
                                    progress=self.stop.beat if self.stop else None)
         self.logger.evaluation(result)

@@ -41,7 +41,8 @@ def moe_blocks(cfg: ModelConfig, moe: MoEConfig) -> list[int]:
 
 
 class DenseFeedForward(nn.Sequential):
-    """The dense model's FFN (Linear-ReLU-Linear), with the MoE layer's interface: (x, real) -> (y, None)."""
+    """The dense model's FFN (Linear-ReLU-Linear), with the MoE layer's interface: (x, routed, max_frames) ->
+    (y, None); it routes nothing, so it ignores both."""
 
     def __init__(self, d_model: int, ffn_dim: int):
         super().__init__(*feed_forward(d_model, ffn_dim))
@@ -51,7 +52,8 @@ class DenseFeedForward(nn.Sequential):
 
 
 class MoEFeedForward(nn.Module):
-    """DeepSpeed's MoE layer with our gate and grouped experts swapped in: (x, real) -> (y, RoutingStats).
+    """DeepSpeed's MoE layer with our gate and grouped experts swapped in: (x, routed, max_frames) ->
+    (y, RoutingStats).
 
     Capacity mode runs DeepSpeed's MOELayer (capacity buffer, all-to-all of equal shapes) in training;
     ``moe.dropless`` computes exactly the routed frames instead (``experts.dropless_moe``), and so does every
@@ -81,7 +83,8 @@ class MoEFeedForward(nn.Module):
         return gate_of(self.moe)
 
     def forward(self, x: torch.Tensor, routed: torch.Tensor, max_frames: int):
-        """x [B, T, D], routed [B, T] (frames to route) -> (y [B, T, D], RoutingStats); unrouted frames get 0."""
+        """x [B, T, D], routed [B, T] (frames to route), max_frames (the capacity's frame count, 0 where none is
+        needed: ``CTCModel.max_frames``) -> (y [B, T, D], RoutingStats); unrouted frames get 0."""
         dropless = self.dropless or not self.training
         call = RouteCall(routed.reshape(-1), max_frames, dropless=dropless)
         if not dropless:
@@ -107,7 +110,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, real: torch.Tensor, routed: torch.Tensor, max_frames: int, causal_mask=None):
         """x [B, T, D]; real [B, T] (attended frames); routed [B, T] (the real frames of utterances that carry
-        loss: the only ones the MoE routes and counts)."""
+        loss: the only ones the MoE routes and counts); max_frames, passed to the FFN (``CTCModel.max_frames``)
+        -> (x [B, T, D], RoutingStats or None)."""
         h = self.ln_attn(x)
         h, _ = self.attn(h, h, h, key_padding_mask=~real, attn_mask=causal_mask, need_weights=False)
         x = x + self.drop(h)
