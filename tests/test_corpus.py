@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 
 from trainer.audio import SAMPLE_RATE, load_audio
-from trainer.corpus import (EDGE_S, SPLITS, build_corpus, trim_silence, wordnet_phrases, wordnet_sentences, within,
-                           word_list)
+from trainer.corpus import (CHANGED, EDGE_S, OOD_SUITE, SPLITS, TRAIN_VOICES, build_corpus, trim_silence,
+                           wordnet_phrases, wordnet_sentences, within, word_list)
 
 
 def test_phrases_are_runs_of_listed_words_and_outnumber_whole_sentences():
@@ -21,24 +21,41 @@ def test_phrases_are_runs_of_listed_words_and_outnumber_whole_sentences():
     assert "he took the family for a drive in his new car" not in phrases
 
 
-def test_a_phrase_corpus_puts_no_text_in_two_splits_its_test_ood_apart_and_a_rebuild_is_the_same(tmp_path):
+def test_a_phrase_corpus_holds_its_texts_and_voices_apart_changes_one_thing_per_ood_set_and_rebuilds_the_same(
+        tmp_path):
     manifests = build_corpus(str(tmp_path / "c"), 40, seed=1234, words=300, text="phrases")
-    texts = {s: [json.loads(line)["text"] for line in open(manifests[s])] for s in SPLITS}
-    assert [len(texts[s]) for s in SPLITS] == [40, 50, 50, 50]
-    for i, a in enumerate(SPLITS):
-        for b in SPLITS[i + 1:]:
+    rows = {s: [json.loads(line) for line in open(manifests[s])] for s in SPLITS}
+    texts = {s: [r["text"] for r in rows[s]] for s in SPLITS}
+    voices = {s: {r["voice"] for r in rows[s]} for s in SPLITS}
+    assert [len(texts[s]) for s in SPLITS] == [40] + [50] * (len(SPLITS) - 1)
+    for i, a in enumerate(("train", "dev", "test", "test_ood")):  # four splits of four text sets
+        for b in ("train", "dev", "test", "test_ood")[i + 1:]:
             assert not set(texts[a]) & set(texts[b]), (a, b)
     known = word_list(300)
     assert all(set(t.split()) <= known for s in SPLITS for t in texts[s])
-    voices = {s: {json.loads(line)["voice"] for line in open(manifests[s])} for s in SPLITS}
     assert not voices["test_ood"] & (voices["train"] | voices["dev"] | voices["test"])
     assert json.loads((tmp_path / "c" / "corpus.json").read_text())["text"] == "phrases"
-    # every engine in the draw, and a second build (other workers, other order of tasks) is the same audio
+    # the suite: one change each from the test split (ood_text: from test_ood's texts, in the training voices)
+    trained = {f"{engine}:{voice}" for engine, voice, _ in TRAIN_VOICES}
+    accents = {accent(v) for v in trained}  # espeak-ng's accents, and flite's and festival's voices
+    assert texts["ood_voices"] == texts["ood_accents"] == texts["test"] and texts["ood_text"] == texts["test_ood"]
+    assert not voices["ood_voices"] & trained and {accent(v) for v in voices["ood_voices"]} <= accents | {"slt"}
+    assert not {accent(v) for v in voices["ood_accents"]} & accents
+    assert voices["ood_text"] <= trained and voices["test"] <= trained
+    for split in CHANGED:
+        assert [(r["text"], r["voice"]) for r in rows[split]] == [(r["text"], r["voice"]) for r in rows["test"]]
+        assert all(r["condition"] for r in rows[split])
+    tempo = [r["duration"] / t["duration"] for r, t in zip(rows["ood_tempo"], rows["test"])]
+    assert all(min(abs(x - 1 / 0.75), abs(x - 1 / 1.3)) < 0.01 for x in tempo)
+    assert {r["condition"].split(",")[0] for r in rows["ood_noise"]} <= {"white noise", "pink noise", "brown noise",
+                                                                         "babble noise"}
+    assert set(OOD_SUITE) == set(SPLITS) - {"train", "dev", "test", "test_ood"}
+    # every engine in the draw; no engine's lead-in or end pause beyond EDGE_S (a 10 ms frame of slack)
     assert {v.split(":")[0] for v in voices["train"]} == {"espeak-ng", "flite", "festival"}
-    # no engine's lead-in or end pause beyond EDGE_S (a 10 ms frame of slack)
-    edges = [silent_edges(Path(manifests[s]).parent / json.loads(line)["audio_filepath"])
-             for s in SPLITS for line in open(manifests[s])]
+    edges = [silent_edges(Path(manifests[s]).parent / r["audio_filepath"]) for s in SPLITS if s not in CHANGED
+             for r in rows[s]]
     assert max(max(e) for e in edges) <= EDGE_S + 0.01
+    # a second build (other workers, other order of tasks) is the same audio
     again = build_corpus(str(tmp_path / "again"), 40, seed=1234, words=300, text="phrases", workers=1)
     assert [digests(manifests[s]) for s in SPLITS] == [digests(again[s]) for s in SPLITS]
 
@@ -52,6 +69,11 @@ def test_trim_silence_keeps_the_sound_and_a_margin_either_side():
     start = int(0.4 * SAMPLE_RATE)  # 0.5 s of hiss, less the 0.1 s kept
     assert torch.equal(trimmed, wave[start:start + int(0.6 * SAMPLE_RATE)])
     assert torch.equal(trim_silence(tone), tone)  # nothing to cut
+
+
+def accent(voice: str) -> str:
+    """"espeak-ng:en-gb+f4" -> "en-gb"; "flite:slt" -> "slt"."""
+    return voice.split(":")[1].split("+")[0]
 
 
 def silent_edges(path) -> tuple:

@@ -115,13 +115,17 @@ def shard_flags(corpus, folder) -> list:
 @pytest.mark.parametrize("mode,source,features_on", [("omni", "manifest", "loader"), ("switch", "shards", "device")])
 def test_resumed_run_on_two_ranks_equals_an_uninterrupted_one(tmp_path, corpus, mode, source, features_on):
     """The interrupted run is the uninterrupted one's folder as it stood at its step-12 checkpoint (a
-    preemption there), resumed to step 24, in bf16 (omni dropless, switch in capacity mode). The sharded run resumes within its second epoch, in the middle of a
-    rank's sequence of shards, whose batch counts differ between the ranks; it computes its features on the
-    device, with SpecAugment masks (drawn in the loader from the seed, epoch and utterance, applied on the
-    device)."""
+    preemption there), resumed to step 24, in bf16 (omni dropless, switch in capacity mode). The manifest run
+    hears its utterances speed-perturbed, reverberated, noisy and through a telephone channel (``data.augment``,
+    drawn from the seed, epoch and utterance). The sharded run resumes within its second epoch, in the middle of
+    a rank's sequence of shards, whose batch counts differ between the ranks; it computes its features on the
+    device, with SpecAugment masks (drawn in the loader, applied on the device)."""
+    augment = {"speed_perturb": [0.9, 1.0, 1.1],
+               "augment": {"noise_prob": 0.5, "reverb_prob": 0.3, "telephone_prob": 0.3}}
     config = tiny_config(tmp_path, mode, bf16={"enabled": True}, data_types={"grad_accum_dtype": "bf16"},
                          data={"features_on": features_on} | (
-                             {"specaugment": {"freq_masks": 2, "time_masks": 2}} if features_on == "device" else {}))
+                             {"specaugment": {"freq_masks": 2, "time_masks": 2}} if features_on == "device" else
+                             augment))
     extra = shard_flags(corpus, tmp_path / "shards") if source == "shards" else []
     extra += ["--set", "moe.dropless=false"] if mode == "switch" else []  # bf16 in both dispatches
     whole = launch(config, corpus, tmp_path / "whole", 2, extra + ["--set", "run.save_every=12"])

@@ -35,6 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tools.evaluate import named, score  # noqa: E402
 from tools.plot_runs import read_metrics  # noqa: E402
 from trainer.config import SECTION, ConfigError, load_config  # noqa: E402
+from trainer.corpus import OOD_SUITE  # noqa: E402
 from trainer.export import consolidate  # noqa: E402
 from trainer.inference import Recognizer  # noqa: E402
 from trainer.sources import read_test_set  # noqa: E402
@@ -166,32 +167,51 @@ def routing_rows(runs: dict, modes: list[str]) -> list[str]:
     return rows
 
 
+def loss_by_step(runs: list[Path]) -> tuple[list[int], list[list[float]]]:
+    """(the steps every run logged, [per step: each run's training CTC])."""
+    logged = [{r["step"]: r["ctc"] for r in read_metrics(run) if r.get("kind") == "train"} for run in runs]
+    steps = sorted(set.intersection(*(set(x) for x in logged))) if logged else []
+    return steps, [[x[s] for x in logged] for s in steps]
+
+
 def plots(runs: dict, modes: list[str], out: Path):
+    """curves.png: training CTC per mode, the mean over seeds with their range shaded; routing.png: the busiest
+    expert's load per layer on a 0-1 axis with the even share 1/E marked, and adjacent-layer NMI."""
     colours = dict(zip(MODES, ("tab:gray", "tab:blue", "tab:red")))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, run in sorted(runs.items()):
-        points = [(r["step"], r["ctc"]) for r in read_metrics(run) if r.get("kind") == "train"]
-        if points:
-            ax.plot(*zip(*points), color=colours.get(name.split("-seed")[0]), alpha=0.8, label=name)
-    ax.set(title="training CTC loss per frame", xlabel="step", yscale="log")
+    for mode in modes:
+        members = [r for n, r in sorted(runs.items()) if n.split("-seed")[0] == mode]
+        steps, values = loss_by_step(members)
+        if steps:
+            ax.plot(steps, [statistics.mean(v) for v in values], color=colours[mode],
+                    label=f"{mode} (mean of {len(members)} seed{'s' * (len(members) > 1)})")
+            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=colours[mode],
+                            alpha=0.2, linewidth=0)
+    ax.set(title="training CTC loss per frame (shaded: range over seeds)", xlabel="step", yscale="log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    experts = 0
     for mode in [m for m in modes if m != "dense"]:
         evals = [last_eval(r) for n, r in runs.items() if n.split("-seed")[0] == mode and last_eval(r)]
         if not evals:
             continue
         layers = evals[0]["routing"]["layers"]
+        experts = len(layers[0]["load"])
         busiest = [statistics.mean(max(e["routing"]["layers"][i]["load"]) for e in evals) for i in range(len(layers))]
         nmi = [statistics.mean(e["routing"]["adjacent_nmi"][i] for e in evals)
                for i in range(len(evals[0]["routing"]["adjacent_nmi"]))]
         axes[0].plot(range(len(busiest)), busiest, marker="o", color=colours[mode], label=mode)
-        axes[1].plot([f"{i}-{i + 1}" for i in range(len(nmi))], nmi, marker="o", color=colours[mode], label=mode)
-    axes[0].set(title="busiest expert's load fraction", xlabel="MoE layer")
-    axes[1].set(title="adjacent-layer NMI of expert choices", xlabel="layers", ylim=(0, 1))
+        axes[1].plot(range(len(nmi)), nmi, marker="o", color=colours[mode], label=mode)
+        axes[0].set_xticks(range(len(busiest)))
+        axes[1].set_xticks(range(len(nmi)), [f"{i}-{i + 1}" for i in range(len(nmi))])
+    if experts:
+        axes[0].axhline(1 / experts, color="black", linestyle="--", linewidth=1, label=f"even share 1/{experts}")
+    axes[0].set(title="busiest expert's load fraction", xlabel="MoE layer", ylim=(0, 1))
+    axes[1].set(title="adjacent-layer NMI of expert choices", xlabel="MoE layers", ylim=(0, 1))
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
@@ -231,10 +251,11 @@ def report(out: Path, tests: list[tuple[str, str]], ood: list[str], device: str,
 
 
 def default_tests(config: str) -> list[tuple[str, str]]:
-    """The embedded corpus's held-out sets (test: in-domain, test_ood: other voices and text)."""
+    """The embedded corpus's held-out sets: test (in-domain), test_ood (other voices and text) and the
+    out-of-domain suite (``trainer.corpus.OOD_SUITE``: one condition changed in each)."""
     _, project = load_config(config)
     corpus = Path(project.data.corpus_dir).expanduser()
-    return [("test", str(corpus / "test.jsonl")), ("test_ood", str(corpus / "test_ood.jsonl"))]
+    return [(name, str(corpus / f"{name}.jsonl")) for name in ("test", "test_ood", *OOD_SUITE)]
 
 
 def main(argv=None) -> int:
@@ -247,8 +268,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--out", required=True, help="folder of the runs, their configs and the report")
     p.add_argument("--test", action="append", type=named, default=None,
-                   help="[NAME=]manifest or Lhotse cut set (repeatable); default: the embedded corpus's test "
-                        "and test_ood")
+                   help="[NAME=]manifest or Lhotse cut set (repeatable); default: the embedded corpus's test, "
+                        "test_ood and out-of-domain suite")
     p.add_argument("--cuts_root", default="", help="folder relative audio paths of cut sets start from")
     p.add_argument("--ood", nargs="*", default=None, help="test sets averaged as out-of-domain (default: names "
                                                          "containing 'ood')")

@@ -99,6 +99,26 @@ class SpecAugmentConfig(_Strict):
     time_width: int = Field(40, description="widest time mask (frames; at most a fifth of the utterance)")
 
 
+class AugmentConfig(_Strict):
+    noise_prob: float = Field(0.0, ge=0, le=1, description="share of training utterances given additive noise: "
+                              "white, pink, brown or babble (three other training utterances; not for shards)")
+    noise_snr_db: list[float] = Field([5.0, 20.0], description="the noise's SNR range in dB, drawn uniformly")
+    reverb_prob: float = Field(0.0, ge=0, le=1, description="share of training utterances put in a synthetic room")
+    reverb_rt60: list[float] = Field([0.2, 0.8], description="the room's RT60 range in seconds, drawn uniformly")
+    telephone_prob: float = Field(0.0, ge=0, le=1, description="share of training utterances sent through a "
+                                  "telephone channel (8 kHz, 300-3400 Hz, 8-bit mu-law)")
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        for name in ("noise_snr_db", "reverb_rt60"):
+            lo_hi = getattr(self, name)
+            if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
+                raise ValueError(f"{name} must be [low, high] with low <= high, not {lo_hi}")
+        if self.reverb_rt60[0] <= 0:
+            raise ValueError("reverb_rt60 must be above 0 seconds")
+        return self
+
+
 class DataConfig(_Strict):
     train_manifests: list[str] = Field([], description="NeMo JSON-lines manifests; none: the embedded corpus")
     dev_manifests: list[str] = Field([], description="dev manifests, each its own dev set")
@@ -141,6 +161,8 @@ class DataConfig(_Strict):
     global_cmvn: str = Field("", description="statistics file of tools/compute_cmvn.py; empty: per utterance")
     specaugment: SpecAugmentConfig = Field(SpecAugmentConfig(), description="masks on training features")
     speed_perturb: list[float] = Field([], description="speed factors drawn per utterance, e.g. [0.9, 1.0, 1.1]")
+    augment: AugmentConfig = Field(AugmentConfig(), description="waveform augmentation of training utterances, in "
+                                                                "the loader after speed perturbation")
 
     @model_validator(mode="after")
     def _phrases_need_words(self):

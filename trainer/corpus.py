@@ -3,7 +3,10 @@
 Training voices (espeak-ng accents and variants, flite kal16/awb/rms, festival kal_diphone) speak WordNet's
 usage examples, split train/dev/test by a hash of their normalised text, so no sentence is in two splits. A
 fourth split, ``test_ood``, is held out twice over: other voices (flite slt, espeak-ng's Scottish and
-Caribbean accents) speaking another text source (WordNet's glosses). With a word list (the N most frequent
+Caribbean accents) speaking another text source (WordNet's glosses). The out-of-domain suite (``OOD_SUITE``)
+changes one thing each: the test phrases in espeak-ng variants never trained on (``ood_voices``), in accents
+never trained on (``ood_accents``), the glosses in the training voices (``ood_text``), and the test audio
+itself with noise, through a telephone channel, at another tempo, in a room (``CHANGED``, ``trainer.effects``). With a word list (the N most frequent
 words of the usage examples), every split speaks only texts made of those words: spelling can then be
 learnt from a few thousand sentences, and errors measure hearing rather than orthography. The texts are
 whole usage examples or, many more of them, the phrases of listed words within the examples
@@ -33,12 +36,12 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from trainer import locks
+from trainer import effects, locks
 from trainer.audio import SAMPLE_RATE, load_audio, resample
 from trainer.text import normalize
 
 WORDNET = Path("/usr/share/wordnet")
-VERSION = 4  # 3: espeak-ng through its library, festival a process per task; 4: edge silence trimmed
+VERSION = 5  # 3: espeak-ng through its library, festival a process per task; 4: edge silence trimmed; 5: OOD suite
 EDGE_S, SILENCE_DB = 0.1, 40.0  # silence kept either side of a sentence; silence: this far under the loudest
 # (engine, voice, share of utterances). festival starts slowly (0.5 s a process) and flite's awb and rms take
 # 90 ms a sentence against 3-30 ms for the others, so they speak smaller shares.
@@ -47,9 +50,18 @@ TRAIN_VOICES = [("espeak-ng", f"{accent}+{variant}", 0.77 / 12) for accent in ("
                [("flite", "kal16", 0.1), ("flite", "awb", 0.05), ("flite", "rms", 0.05),
                 ("festival", "voice_kal_diphone", 0.03)]
 HELD_OUT_VOICES = [("flite", "slt", 0.5), ("espeak-ng", "en-gb-scotland+m2", 0.25), ("espeak-ng", "en-029+f3", 0.25)]
+# The out-of-domain suite: the test phrases (ood_text: WordNet's glosses) with one condition changed in each.
+UNSEEN_VARIANTS = [("espeak-ng", f"{accent}+{variant}", 0.8 / 18) for accent in ("en-us", "en-gb", "en-gb-x-rp")
+                   for variant in ("m2", "m5", "m7", "f1", "f3", "f5")] + [("flite", "slt", 0.2)]
+UNSEEN_ACCENTS = [("espeak-ng", f"{accent}+{variant}", 1 / 20) for variant in ("m1", "m3", "f2", "f4")
+                  for accent in ("en-gb-scotland", "en-029", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc")]
+SPOKEN = {"train": TRAIN_VOICES, "dev": TRAIN_VOICES, "test": TRAIN_VOICES, "test_ood": HELD_OUT_VOICES,
+          "ood_voices": UNSEEN_VARIANTS, "ood_accents": UNSEEN_ACCENTS, "ood_text": TRAIN_VOICES}
+CHANGED = ("ood_noise", "ood_telephone", "ood_tempo", "ood_reverb")  # the test split's audio, through an effect
+OOD_SUITE = ("ood_voices", "ood_accents", "ood_text", *CHANGED)
 ESPEAK_LIBRARY = "libespeak-ng.so.1"  # Debian's libespeak-ng1, which espeak-ng depends on
 ENGINE_PACKAGES = {"espeak-ng": "espeak-ng", "flite": "flite", "festival": "festival festvox-kallpc16k"}
-SPLITS = ("train", "dev", "test", "test_ood")
+SPLITS = (*SPOKEN, *CHANGED)
 _CLEAN = re.compile(r"^[A-Za-z][A-Za-z ,.;:'?!]*$")
 
 
@@ -132,10 +144,10 @@ def _pick(voices: list, rng: random.Random) -> tuple:
     return rng.choices(voices, weights=[w for _, _, w in voices])[0][:2]
 
 
-def _voice_of(text: str, seed: int, held_out: bool) -> tuple:
-    """(engine, voice, speed setting) of a sentence, drawn from the seed and the sentence alone."""
+def _voice_of(text: str, seed: int, voices: list) -> tuple:
+    """(engine, voice, speed setting) of a sentence, drawn from ``voices`` by the seed and the sentence alone."""
     rng = random.Random(f"{seed}:{text}")
-    engine, voice = _pick(HELD_OUT_VOICES if held_out else TRAIN_VOICES, rng)
+    engine, voice = _pick(voices, rng)
     if engine == "espeak-ng":
         return engine, voice, (rng.randint(145, 185), rng.randint(35, 65))  # words a minute, pitch
     if engine == "flite":
@@ -235,15 +247,53 @@ def _synthesize(task: tuple) -> list:
     return rows
 
 
+def _condition(split: str, wave: torch.Tensor, others: list[str], rng: random.Random,
+               g: torch.Generator) -> tuple[torch.Tensor, str]:
+    """(a test utterance under the condition of ``split``, one of CHANGED, drawn from ``rng`` and ``g``; the
+    condition in words). ``others``: files of four other test utterances, the voices of babble noise."""
+    if split == "ood_noise":
+        kind, snr = rng.choice(["white", "pink", "brown", "babble"]), round(rng.uniform(5.0, 15.0), 1)
+        noise = effects.babble([load_audio(f) for f in others], len(wave)) if kind == "babble" else \
+            effects.coloured_noise(len(wave), {"white": 0, "pink": 1, "brown": 2}[kind], g)
+        return effects.add_noise(wave, noise, snr), f"{kind} noise, SNR {snr} dB"
+    if split == "ood_telephone":
+        return effects.telephone(wave), "telephone band, 8-bit mu-law"
+    if split == "ood_tempo":
+        factor = rng.choice([0.75, 1.3])
+        return effects.tempo(wave, factor), f"tempo x{factor}"
+    rt60 = round(rng.uniform(0.4, 1.0), 2)
+    return effects.reverberate(wave, effects.room_response(rt60, g)), f"room, RT60 {rt60} s"
+
+
+def _change(task: tuple) -> list:
+    """Write the test utterances ``items`` through the condition of ``split``; return their manifest rows."""
+    root, split, seed, items, test_rows = task  # items: [(index, test row)]
+    rows = []
+    for i, row in items:
+        rng = random.Random(f"{seed}:{split}:{i}")
+        g = torch.Generator().manual_seed(_digest(f"{seed}:{split}:{i}") % 2 ** 63)
+        others = [os.path.join(root, test_rows[j]["audio_filepath"])
+                  for j in rng.sample([j for j in range(len(test_rows)) if j != i], 4)]
+        wave, condition = _condition(split, load_audio(os.path.join(root, row["audio_filepath"])), others, rng, g)
+        wave = wave / max(1.0, float(wave.abs().max()) / 0.99)  # no clipping in FLAC
+        rel = f"audio/{split}-{i:06d}.flac"
+        sf.write(os.path.join(root, rel), wave.numpy(), SAMPLE_RATE)
+        rows.append({**row, "audio_filepath": rel, "duration": round(len(wave) / SAMPLE_RATE, 3),
+                     "condition": condition})
+    return rows
+
+
 def _tasks(root: str, chosen: dict, seed: int, size: int = 48) -> list:
-    """The sentences grouped by voice, in tasks of ``size`` (festival's in two halves: one per core)."""
+    """The sentences grouped by voice, in tasks of ``size`` (festival's in two halves: one per core). The suite's
+    sentences are tasks of their own, so adding it left every task of the other splits, and their audio, as it was
+    (an engine's output may depend on what its process spoke before)."""
     by_voice = {}
-    for split in SPLITS:
+    for split, voices in SPOKEN.items():
         for i, text in enumerate(chosen[split]):
-            engine, voice, setting = _voice_of(text, seed, split == "test_ood")
-            by_voice.setdefault((engine, voice), []).append((f"{split}-{i:06d}", text, setting))
+            engine, voice, setting = _voice_of(text, seed, voices)
+            by_voice.setdefault((split in OOD_SUITE, engine, voice), []).append((f"{split}-{i:06d}", text, setting))
     tasks = []
-    for (engine, voice), jobs in by_voice.items():
+    for (_, engine, voice), jobs in by_voice.items():
         step = -(-len(jobs) // 2) if engine == "festival" else size
         tasks += [(root, engine, voice, jobs[i:i + step]) for i in range(0, len(jobs), step)]
     return tasks
@@ -285,6 +335,7 @@ def _build(out: Path, train_sentences: int, seed: int, workers: int, words: int,
     glosses = [t for t in sorted(within(wordnet_sentences("glosses"), words), key=_digest) if t not in examples]
     chosen = {"train": by_split["train"][:train_sentences], "dev": by_split["dev"][:held],
               "test": by_split["test"][:held], "test_ood": glosses[:held]}
+    chosen.update(ood_voices=chosen["test"], ood_accents=chosen["test"], ood_text=glosses[:held])
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "audio").mkdir(parents=True)
@@ -298,6 +349,13 @@ def _build(out: Path, train_sentences: int, seed: int, workers: int, words: int,
         for done in pool.imap_unordered(_synthesize, tasks):
             rows.update((row["audio_filepath"], row) for row in done)
             bar.update(len(done))
+        test = [rows[f"audio/test-{i:06d}.flac"] for i in range(len(chosen["test"]))]
+        changes = [(str(tmp), split, seed, list(enumerate(test))[i:i + 48], test)
+                   for split in CHANGED for i in range(0, len(test), 48)]
+        for done in pool.imap_unordered(_change, changes):
+            rows.update((row["audio_filepath"], row) for row in done)
+    for split in CHANGED:
+        chosen[split] = chosen["test"]
     for split in SPLITS:
         with open(tmp / f"{split}.jsonl", "w") as f:
             f.writelines(json.dumps(rows[f"audio/{split}-{i:06d}.flac"]) + "\n" for i in range(len(chosen[split])))

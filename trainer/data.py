@@ -16,7 +16,8 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from trainer.config import DataConfig
+from trainer.augment import BABBLE_VOICES, WaveAugment
+from trainer.config import AugmentConfig, DataConfig
 from trainer.features import Features, speed_perturb
 from trainer.sources import Utterance, load_utterance, read_shard, shard_files
 from trainer.text import Tokenizer
@@ -26,8 +27,8 @@ STAND_IN_FRAMES = 8
 
 class SpeechDataset(Dataset):
     """Features and labels of utterances. Features are cached when the data config allows (small corpora,
-    no speed perturbation, computed in the loader); SpecAugment and speed perturbation apply to training sets
-    only. Where the features are computed, in the loader or on the rank's device, is up to ``self.features``
+    no speed perturbation or waveform augmentation, computed in the loader); SpecAugment, speed perturbation
+    and waveform augmentation (``trainer.augment``) apply to training sets only. Where the features are computed, in the loader or on the rank's device, is up to ``self.features``
     (``trainer.features.Features``); ``on_device`` readies a batch for the model.
 
     An item is named by its index into ``utts``, or, for a training set read lazily from shards (``shards``),
@@ -39,20 +40,32 @@ class SpeechDataset(Dataset):
         self.seed, self.epoch = seed, 0  # augmentation is a function of (seed, epoch, utterance) alone
         self.features = Features(data, n_mels, train)
         self.speeds = list(data.speed_perturb) if train else []
-        cacheable = data.cache_features and not self.speeds and data.features_on == "loader"
+        self.augment = WaveAugment(data.augment if train else AugmentConfig(), self.voices if utts else None)
+        cacheable = data.cache_features and not self.speeds and not self.augment.active and \
+            data.features_on == "loader"
         self.cache = {} if cacheable else None
 
     def __len__(self):
         return len(self.utts)
 
     def load(self, i: int, utt: Utterance) -> torch.Tensor:
-        """What the loader makes of an utterance (``Features.host``). Speed perturbation stays in the loader
-        whatever ``data.features_on`` says: it changes the length, which the host needs for the frame counts
-        and the time masks, and resampling one decoded waveform there is cheap."""
+        """What the loader makes of an utterance (``Features.host``). Speed perturbation and waveform
+        augmentation stay in the loader whatever ``data.features_on`` says: speed changes the length, which the
+        host needs for the frame counts and the time masks, and each is cheap on one decoded waveform."""
         wave = load_utterance(utt)
         if self.speeds:
             wave = speed_perturb(wave, random.Random(f"{self.seed}:{self.epoch}:{i}").choice(self.speeds))
-        return self.features.host(wave)
+        return self.features.host(self.augment(wave, f"{self.seed}:{self.epoch}:{i}:augment"))
+
+    def voices(self, rng: random.Random) -> list[torch.Tensor]:
+        """Babble's voices: the readable ones of BABBLE_VOICES training utterances drawn by ``rng``."""
+        waves = []
+        for j in rng.sample(range(len(self.utts)), min(BABBLE_VOICES, len(self.utts))):
+            try:
+                waves.append(load_utterance(self.utts[j]))
+            except Exception:  # an unreadable voice is left out; the utterance itself is not at fault
+                continue
+        return waves
 
     def __getitem__(self, item):
         """(signal, targets, key, (freq masks, time masks)): the signal as ``Features.host`` makes it, masked in

@@ -1,0 +1,45 @@
+"""Waveform augmentation of training utterances: a room, additive noise, a telephone channel
+(``trainer.effects``), each on a share of the utterances (``data.augment``).
+
+Every draw comes from the utterance's key, (seed, epoch, utterance), so a resumed run hears the same audio
+and the loader's worker count changes nothing. It runs in the loader in both feature modes, on the decoded
+waveform after speed perturbation (a room, then noise in it, then the channel); SpecAugment follows on the
+features, wherever they are computed (``trainer.features``).
+"""
+import random
+from typing import Callable, Optional
+
+import torch
+
+from trainer import effects
+from trainer.config import AugmentConfig
+
+NOISES = ("white", "pink", "brown", "babble")  # coloured noise by its spectral exponent (0, 1, 2), then voices
+BABBLE_VOICES = 3
+
+
+class WaveAugment:
+    """``augment(wave, key)`` -> the waveform with this utterance's draws applied (the input itself when none is
+    drawn). ``voices(rng)``: other utterances' waveforms for babble noise, None where there are none to draw
+    (a set read lazily from shards: then the noise is coloured only)."""
+
+    def __init__(self, cfg: AugmentConfig, voices: Optional[Callable[[random.Random], list[torch.Tensor]]]):
+        self.cfg, self.voices = cfg, voices
+        self.active = cfg.noise_prob > 0 or cfg.reverb_prob > 0 or cfg.telephone_prob > 0
+
+    def __call__(self, wave: torch.Tensor, key: str) -> torch.Tensor:
+        if not self.active:
+            return wave
+        cfg, rng = self.cfg, random.Random(key)
+        g = torch.Generator().manual_seed(rng.getrandbits(63))
+        if rng.random() < cfg.reverb_prob:
+            wave = effects.reverberate(wave, effects.room_response(rng.uniform(*cfg.reverb_rt60), g))
+        if rng.random() < cfg.noise_prob:
+            kind = rng.choice(NOISES if self.voices else NOISES[:3])
+            others = self.voices(rng) if kind == "babble" else []
+            noise = effects.babble(others, len(wave)) if others else \
+                effects.coloured_noise(len(wave), NOISES.index(kind) % 3, g)
+            wave = effects.add_noise(wave, noise, rng.uniform(*cfg.noise_snr_db))
+        if rng.random() < cfg.telephone_prob:
+            wave = effects.telephone(wave)
+        return wave
