@@ -223,3 +223,8 @@ def test_compare_sh_runs_one_array_task_per_mode_and_seed(cluster, corpus, tmp_p
     assert compare(["report", "--out", str(runs), "--test", f"test={corpus / 'test.jsonl'}"]) == 0
     report = (runs / "report.md").read_text()
     assert "| omni vs dense |" in report and "| omni vs switch |" in report
+    # the same utterance of the first manifest set (test here) routed under switch and under omni
+    assert "![switch](routing-switch/utterance.png) ![omni](routing-omni/utterance.png)" in report
+    maps = [json.loads((runs / f"routing-{m}" / "routing.json").read_text())["utterance"] for m in ("switch", "omni")]
+    assert maps[0]["audio"] == maps[1]["audio"] and all((runs / f"routing-{m}" / "utterance.png").exists()
+                                                        for m in ("switch", "omni"))

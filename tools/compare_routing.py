@@ -15,10 +15,10 @@ Run ``MODE-seedS`` is the base config with ``moe.mode`` and ``run.seed`` set and
 parameters per frame (top-1: one expert shaped like the dense FFN), and per seed the same data order in every
 mode. Locally the runs go one after another through DeepSpeed's launcher; a finished run is not trained again
 and an interrupted one resumes (the trainer's own resume). Each run is consolidated and scored with
-``tools/evaluate.py``'s scoring. The report (``report.md``, ``curves.png``, ``routing.png``): per test set and
-over the OOD sets, WER and CER as mean +- standard deviation over seeds; the relative WER change of omni vs
-dense and vs switch (the paper's -11.2% and -8.2%); training-loss curves; per-layer expert load and
-adjacent-layer NMI per mode at the last evaluation.
+``tools/evaluate.py``'s scoring. The report (``report.md``, ``curves.png``, ``routing.png``, ``routing-MODE/``):
+per test set and over the OOD sets, WER and CER as mean +- standard deviation over seeds; the relative WER change
+of omni vs dense and vs switch (the paper's -11.2% and -8.2%); training-loss curves; per-layer expert load and
+adjacent-layer NMI per mode at the last evaluation; one utterance's experts, time x layer, under switch and omni.
 """
 import argparse
 import json
@@ -32,6 +32,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tools.analyze_routing import main as analyze  # noqa: E402
 from tools.evaluate import named, score  # noqa: E402
 from tools.plot_runs import read_metrics  # noqa: E402
 from trainer.config import SECTION, ConfigError, load_config  # noqa: E402
@@ -220,6 +221,22 @@ def plots(runs: dict, modes: list[str], out: Path):
     plt.close(fig)
 
 
+def routing_pictures(runs: dict, modes: list[str], tests: list[tuple[str, str]], out: Path,
+                     device: str) -> list[tuple[str, str]]:
+    """[(mode, picture)]: the first utterance of the first manifest test set, time x MoE layer, coloured by the
+    expert each frame takes, under the first seed of switch and of omni (``tools/analyze_routing.py``'s map,
+    beside its dependency heatmaps in routing-MODE/): the paper's qualitative figure."""
+    manifest = next((path for _, path in tests if path.endswith(".jsonl")), None)
+    pictures = []
+    for mode in [m for m in ("switch", "omni") if m in modes and manifest]:
+        run = next(r for n, r in sorted(runs.items()) if n.split("-seed")[0] == mode)
+        args = ["--model", str(run / "model"), "--manifest", manifest, "--out", str(out / f"routing-{mode}"),
+                "--device", device]
+        if analyze(args) == 0:
+            pictures.append((mode, f"routing-{mode}/utterance.png"))
+    return pictures
+
+
 def report(out: Path, tests: list[tuple[str, str]], ood: list[str], device: str, cuts_root: str = "") -> str:
     """Evaluate every finished run on every test set and write report.md and the PNGs; return the Markdown."""
     tasks = read_tasks(out)
@@ -244,6 +261,11 @@ def report(out: Path, tests: list[tuple[str, str]], ood: list[str], device: str,
              "over seeds.", "", *error_table(results, modes, list(sets), ood), "",
              *relative_change(results, modes, list(sets), ood), "", "Routing at the last evaluation (dev sets):", "",
              *routing_rows(runs, modes), "", "![training loss](curves.png) ![routing](routing.png)", ""]
+    pictures = routing_pictures(runs, modes, tests, out, device)
+    if pictures:
+        lines += [f"One utterance of {next(n for n, p in tests if p.endswith('.jsonl'))}, the expert of every frame "
+                  "(time x MoE layer), first seed of each mode:", "",
+                  " ".join(f"![{mode}]({picture})" for mode, picture in pictures), ""]
     plots(runs, modes, out)
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
