@@ -8,6 +8,7 @@ is in use or resumed, files left. The drill's own verdict (``ok``, its table) mu
 import pytest
 
 from tools.fault_drill import PROBES, Drill
+from trainer.checkpoint import step_of as step
 
 pytestmark = pytest.mark.slow
 
@@ -24,11 +25,6 @@ def observe(drill, probe: str) -> dict:
     seen = row.seen
     seen["drill verdict"] = row.ok  # the table's, from the same observations
     return seen
-
-
-def step(tag: str) -> int:
-    """N of a checkpoint tag stepN; -1 for none ("(none)")."""
-    return int(tag[4:]) if tag.startswith("step") else -1
 
 
 # -- bad configuration ----------------------------------------------------------------------------------------

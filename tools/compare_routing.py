@@ -221,14 +221,12 @@ def plots(runs: dict, modes: list[str], out: Path):
     plt.close(fig)
 
 
-def routing_pictures(runs: dict, modes: list[str], tests: list[tuple[str, str]], out: Path,
-                     device: str) -> list[tuple[str, str]]:
-    """[(mode, picture)]: the first utterance of the first manifest test set, time x MoE layer, coloured by the
-    expert each frame takes, under the first seed of switch and of omni (``tools/analyze_routing.py``'s map,
-    beside its dependency heatmaps in routing-MODE/): the paper's qualitative figure."""
-    manifest = next((path for _, path in tests if path.endswith(".jsonl")), None)
+def routing_pictures(runs: dict, modes: list[str], manifest: str, out: Path, device: str) -> list[tuple[str, str]]:
+    """[(mode, picture)]: the first utterance of ``manifest``, time x MoE layer, coloured by the expert each frame
+    takes, under the first seed of switch and of omni (``tools/analyze_routing.py``'s map, beside its dependency
+    heatmaps in routing-MODE/): the paper's qualitative figure."""
     pictures = []
-    for mode in [m for m in ("switch", "omni") if m in modes and manifest]:
+    for mode in [m for m in ("switch", "omni") if m in modes]:
         run = next(r for n, r in sorted(runs.items()) if n.split("-seed")[0] == mode)
         args = ["--model", str(run / "model"), "--manifest", manifest, "--out", str(out / f"routing-{mode}"),
                 "--device", device]
@@ -261,10 +259,11 @@ def report(out: Path, tests: list[tuple[str, str]], ood: list[str], device: str,
              "over seeds.", "", *error_table(results, modes, list(sets), ood), "",
              *relative_change(results, modes, list(sets), ood), "", "Routing at the last evaluation (dev sets):", "",
              *routing_rows(runs, modes), "", "![training loss](curves.png) ![routing](routing.png)", ""]
-    pictures = routing_pictures(runs, modes, tests, out, device)
+    mapped = next(((name, path) for name, path in tests if path.endswith(".jsonl")), None)  # a manifest
+    pictures = routing_pictures(runs, modes, mapped[1], out, device) if mapped else []
     if pictures:
-        lines += [f"One utterance of {next(n for n, p in tests if p.endswith('.jsonl'))}, the expert of every frame "
-                  "(time x MoE layer), first seed of each mode:", "",
+        lines += [f"One utterance of {mapped[0]}, the expert of every frame (time x MoE layer), first seed of each "
+                  "mode:", "",
                   " ".join(f"![{mode}]({picture})" for mode, picture in pictures), ""]
     plots(runs, modes, out)
     text = "\n".join(lines)

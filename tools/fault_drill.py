@@ -166,7 +166,8 @@ class Drill:
 
     def start(self, out: Path, extra=(), env: Optional[dict] = None, ranks: int = 2, config: Optional[str] = None,
               script: str = "trainer/main.py") -> Run:
-        return Run(command(config or self.config, self.corpus, out, ranks, extra, script), {**self.env, **(env or {})})
+        return Run(command(config or self.config, self.corpus, out, ranks, extra, script),
+                   {**self.env, **(env or {})})
 
     def slow_trainer(self) -> str:
         path = self.work / "slow_save_main.py"
@@ -233,11 +234,6 @@ def usable(out: Path, tag: str) -> str:
     return "no checkpoint" if tag == "(none)" else checkpoint.problem(out / "checkpoints", tag)
 
 
-def _step(tag: str) -> int:
-    return int(tag[len("step"):]) if tag.startswith("step") and tag[4:].isdigit() else -1
-
-
-# -- bad input ----------------------------------------------------------------------------------------------
 def bad_manifest(corpus: Path, folder: Path) -> tuple[Path, int]:
     """The corpus's training rows plus five bad ones, written into ``folder``: not JSON, missing audio,
     truncated FLAC, NaN samples, a line that is not UTF-8. Returns (manifest, number of good rows)."""
@@ -374,8 +370,8 @@ def probe_signal_during_slow_save(drill: Drill) -> Row:
     run.rank(1).send_signal(signal.SIGUSR1)
     seen = {"exit": run.finish(), "latest": latest(out), "log": run.log}
     seen["latest problem"] = usable(out, seen["latest"])
-    ok = seen["exit"] == 75 and "stop requested (by another rank)" in run.log and _step(seen["latest"]) > 4 \
-        and not seen["latest problem"]
+    ok = seen["exit"] == 75 and "stop requested (by another rank)" in run.log \
+        and checkpoint.step_of(seen["latest"]) > 4 and not seen["latest problem"]
     return Row("signal_during_slow_save", "SIGUSR1 to rank 1 during a 5 s save (grace 2 s): all ranks stop after "
                "it, save, exit 75", seen, ok)
 

@@ -14,7 +14,6 @@ import torch
 from trainer import effects
 from trainer.config import AugmentConfig
 
-NOISES = ("white", "pink", "brown", "babble")  # coloured noise by its spectral exponent (0, 1, 2), then voices
 BABBLE_VOICES = 3
 
 
@@ -35,10 +34,8 @@ class WaveAugment:
         if rng.random() < cfg.reverb_prob:
             wave = effects.reverberate(wave, effects.room_response(rng.uniform(*cfg.reverb_rt60), g))
         if rng.random() < cfg.noise_prob:
-            kind = rng.choice(NOISES if self.voices else NOISES[:3])
-            others = self.voices(rng) if kind == "babble" else []
-            noise = effects.babble(others, len(wave)) if others else \
-                effects.coloured_noise(len(wave), NOISES.index(kind) % 3, g)
+            kind = rng.choice(effects.NOISES if self.voices else effects.NOISES[:3])
+            noise = effects.noise(kind, len(wave), g, self.voices(rng) if kind == "babble" else [])
             wave = effects.add_noise(wave, noise, rng.uniform(*cfg.noise_snr_db))
         if rng.random() < cfg.telephone_prob:
             wave = effects.telephone(wave)

@@ -90,7 +90,8 @@ def _atomic_write(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def _step(tag: str) -> int:
+def step_of(tag: str) -> int:
+    """N of a checkpoint tag stepN; -1 for anything else."""
     return int(tag[len("step"):]) if tag.startswith("step") and tag[4:].isdigit() else -1
 
 
@@ -98,7 +99,7 @@ def tags(ckpt_dir: Path) -> list[str]:
     """Checkpoint folders (``stepN``), oldest first, whether complete or not."""
     if not ckpt_dir.is_dir():
         return []
-    return sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and _step(p.name) >= 0), key=_step)
+    return sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and step_of(p.name) >= 0), key=step_of)
 
 
 def recorded_files(ckpt_dir: Path, tag: str) -> tuple[str, dict]:

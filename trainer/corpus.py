@@ -6,15 +6,15 @@ fourth split, ``test_ood``, is held out twice over: other voices (flite slt, esp
 Caribbean accents) speaking another text source (WordNet's glosses). The out-of-domain suite (``OOD_SUITE``)
 changes one thing each: the test phrases in espeak-ng variants never trained on (``ood_voices``), in accents
 never trained on (``ood_accents``), the glosses in the training voices (``ood_text``), and the test audio
-itself with noise, through a telephone channel, at another tempo, in a room (``CHANGED``, ``trainer.effects``). With a word list (the N most frequent
-words of the usage examples), every split speaks only texts made of those words: spelling can then be
-learnt from a few thousand sentences, and errors measure hearing rather than orthography. The texts are
-whole usage examples or, many more of them, the phrases of listed words within the examples
-(``wordnet_phrases``). Voice, speed and pitch are drawn from the seed and the text, and every task of the
-build runs in a fresh process, so a rebuild is the same audio. The engines' silence beyond 0.1 s either side
-of a sentence is cut (``trim_silence``). Written as 16 kHz FLAC plus
-NeMo-style JSON-lines manifests, built in a temporary folder and renamed into place (one builder at a time,
-under a lock, ``trainer.locks``): an interrupted build leaves no half corpus.
+itself with noise, through a telephone channel, at another tempo, in a room (``CHANGED``, ``trainer.effects``).
+With a word list (the N most frequent words of the usage examples), every split speaks only texts made of
+those words: spelling can then be learnt from a few thousand sentences, and errors measure hearing rather than
+orthography. The texts are whole usage examples or, many more of them, the phrases of listed words within the
+examples (``wordnet_phrases``). Voice, speed and pitch are drawn from the seed and the text, and every task of
+the build runs in a fresh process, so a rebuild is the same audio. The engines' silence beyond 0.1 s either
+side of a sentence is cut (``trim_silence``). Written as 16 kHz FLAC plus NeMo-style JSON-lines manifests,
+built in a temporary folder and renamed into place (one builder at a time, under a lock, ``trainer.locks``): an
+interrupted build leaves no half corpus.
 """
 import ctypes
 import ctypes.util
@@ -252,9 +252,8 @@ def _condition(split: str, wave: torch.Tensor, others: list[str], rng: random.Ra
     """(a test utterance under the condition of ``split``, one of CHANGED, drawn from ``rng`` and ``g``; the
     condition in words). ``others``: files of four other test utterances, the voices of babble noise."""
     if split == "ood_noise":
-        kind, snr = rng.choice(["white", "pink", "brown", "babble"]), round(rng.uniform(5.0, 15.0), 1)
-        noise = effects.babble([load_audio(f) for f in others], len(wave)) if kind == "babble" else \
-            effects.coloured_noise(len(wave), {"white": 0, "pink": 1, "brown": 2}[kind], g)
+        kind, snr = rng.choice(effects.NOISES), round(rng.uniform(5.0, 15.0), 1)
+        noise = effects.noise(kind, len(wave), g, [load_audio(f) for f in others] if kind == "babble" else [])
         return effects.add_noise(wave, noise, snr), f"{kind} noise, SNR {snr} dB"
     if split == "ood_telephone":
         return effects.telephone(wave), "telephone band, 8-bit mu-law"

@@ -28,8 +28,9 @@ STAND_IN_FRAMES = 8
 class SpeechDataset(Dataset):
     """Features and labels of utterances. Features are cached when the data config allows (small corpora,
     no speed perturbation or waveform augmentation, computed in the loader); SpecAugment, speed perturbation
-    and waveform augmentation (``trainer.augment``) apply to training sets only. Where the features are computed, in the loader or on the rank's device, is up to ``self.features``
-    (``trainer.features.Features``); ``on_device`` readies a batch for the model.
+    and waveform augmentation (``trainer.augment``) apply to training sets only. Where the features are
+    computed, in the loader or on the rank's device, is up to ``self.features`` (``trainer.features.Features``);
+    ``on_device`` readies a batch for the model.
 
     An item is named by its index into ``utts``, or, for a training set read lazily from shards (``shards``),
     carried whole as (key, utterance); the key seeds its augmentation."""

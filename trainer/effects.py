@@ -10,6 +10,7 @@ import torchaudio.functional as AF
 from trainer.audio import SAMPLE_RATE
 
 TELEPHONE_RATE, TELEPHONE_BAND = 8000, (300.0, 3400.0)
+NOISES = ("white", "pink", "brown", "babble")  # coloured noise by its spectral exponent (0, 1, 2), then voices
 
 
 def rms(wave: torch.Tensor) -> torch.Tensor:
@@ -30,6 +31,13 @@ def babble(others: list[torch.Tensor], samples: int) -> torch.Tensor:
     for wave in others:
         mix += (wave / rms(wave)).repeat(-(-samples // len(wave)))[:samples]
     return mix / rms(mix)
+
+
+def noise(kind: str, samples: int, g: torch.Generator, voices: list[torch.Tensor]) -> torch.Tensor:
+    """[samples] unit-RMS noise of ``kind`` (one of NOISES); babble of ``voices``, white where there are none."""
+    if kind == "babble" and voices:
+        return babble(voices, samples)
+    return coloured_noise(samples, NOISES.index(kind) % 3, g)
 
 
 def add_noise(wave: torch.Tensor, noise: torch.Tensor, snr_db: float) -> torch.Tensor:
