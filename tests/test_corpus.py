@@ -6,8 +6,9 @@ from pathlib import Path
 import torch
 
 from trainer.audio import SAMPLE_RATE, load_audio
-from trainer.corpus import (CHANGED, EDGE_S, OOD_SUITE, SPLITS, TRAIN_VOICES, build_corpus, trim_silence,
-                           wordnet_phrases, wordnet_sentences, within, word_list)
+from trainer.corpus import (CHANGED, EDGE_S, OOD_SUITE, SPLITS, TRAIN_VARIANTS, TRAIN_VOICES, UNSEEN_ACCENTS,
+                           UNSEEN_VARIANTS, _voice_of, build_corpus, trim_silence, wordnet_phrases,
+                           wordnet_sentences, within, word_list)
 
 
 def test_phrases_are_runs_of_listed_words_and_outnumber_whole_sentences():
@@ -58,6 +59,19 @@ def test_a_phrase_corpus_holds_its_texts_and_voices_apart_changes_one_thing_per_
     # a second build (other workers, other order of tasks) is the same audio
     again = build_corpus(str(tmp_path / "again"), 40, seed=1234, words=300, text="phrases", workers=1)
     assert [digests(manifests[s]) for s in SPLITS] == [digests(again[s]) for s in SPLITS]
+
+
+def test_training_draws_span_many_voices_speeds_and_shifts_and_never_the_suites_variants_or_accents():
+    draws = [_voice_of(f"phrase {i}", 1234, TRAIN_VOICES) for i in range(3000)]
+    espeak = [(voice, setting) for engine, voice, setting in draws if engine == "espeak-ng"]
+    assert len({voice for voice, _ in espeak}) >= 100  # of 3 accents x 42 variants
+    assert min(s[0] for _, s in espeak) <= 125 and max(s[0] for _, s in espeak) >= 205  # words a minute
+    assert min(s[1] for _, s in espeak) <= 25 and max(s[1] for _, s in espeak) >= 75  # pitch
+    shifts = [setting[1] for engine, _, setting in draws if engine != "espeak-ng"]
+    assert min(shifts) <= 0.9 and max(shifts) >= 1.1
+    held_out = {voice.split("+")[1] for engine, voice, _ in UNSEEN_VARIANTS if engine == "espeak-ng"}
+    assert held_out and not held_out & set(TRAIN_VARIANTS)
+    assert not {accent(f"e:{v}") for _, v, _ in UNSEEN_ACCENTS} & {accent(f"e:{v}") for _, v, _ in TRAIN_VOICES}
 
 
 def test_trim_silence_keeps_the_sound_and_a_margin_either_side():

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torchaudio
 
 from trainer import effects
 from trainer.audio import SAMPLE_RATE
@@ -73,6 +74,8 @@ def test_a_room_response_decays_60_db_in_its_rt60_and_reverberation_keeps_length
     wet = effects.reverberate(speech, response)
     assert len(wet) == len(speech) and float(effects.rms(wet)) == pytest.approx(float(effects.rms(speech)), rel=1e-4)
     assert not torch.allclose(wet, speech, atol=0.05)
+    direct = torchaudio.functional.convolve(speech, response)[:len(speech)]  # the convolution, computed directly
+    assert torch.allclose(wet, direct * effects.rms(speech) / effects.rms(direct), atol=1e-5)
 
 
 def test_every_draw_is_a_function_of_the_generator_seed():

@@ -1,20 +1,21 @@
 """The embedded default corpus: English sentences from WordNet spoken by Debian's offline speech engines.
 
-Training voices (espeak-ng accents and variants, flite kal16/awb/rms, festival kal_diphone) speak WordNet's
-usage examples, split train/dev/test by a hash of their normalised text, so no sentence is in two splits. A
-fourth split, ``test_ood``, is held out twice over: other voices (flite slt, espeak-ng's Scottish and
-Caribbean accents) speaking another text source (WordNet's glosses). The out-of-domain suite (``OOD_SUITE``)
-changes one thing each: the test phrases in espeak-ng variants never trained on (``ood_voices``), in accents
-never trained on (``ood_accents``), the glosses in the training voices (``ood_text``), and the test audio
-itself with noise, through a telephone channel, at another tempo, in a room (``CHANGED``, ``trainer.effects``).
-With a word list (the N most frequent words of the usage examples), every split speaks only texts made of
-those words: spelling can then be learnt from a few thousand sentences, and errors measure hearing rather than
-orthography. The texts are whole usage examples or, many more of them, the phrases of listed words within the
-examples (``wordnet_phrases``). Voice, speed and pitch are drawn from the seed and the text, and every task of
-the build runs in a fresh process, so a rebuild is the same audio. The engines' silence beyond 0.1 s either
-side of a sentence is cut (``trim_silence``). Written as 16 kHz FLAC plus NeMo-style JSON-lines manifests,
-built in a temporary folder and renamed into place (one builder at a time, under a lock, ``trainer.locks``): an
-interrupted build leaves no half corpus.
+Training voices (espeak-ng's three main English accents in 42 voice variants, its Klatt synthesisers among them,
+at 120-210 words a minute and pitch 20-80; flite kal16/awb/rms and festival kal_diphone stretched in duration and
+shifted in pitch and formants) speak WordNet's usage examples, split train/dev/test by a hash of their normalised
+text, so no sentence is in two splits. A fourth split, ``test_ood``, is held out twice over: other voices (flite
+slt, espeak-ng's Scottish and Caribbean accents) speaking another text source (WordNet's glosses). The
+out-of-domain suite (``OOD_SUITE``) changes one thing each: the test phrases in espeak-ng variants never trained
+on (``ood_voices``), in accents never trained on (``ood_accents``), the glosses in the training voices
+(``ood_text``), and the test audio itself with noise, through a telephone channel, at another tempo, in a room
+(``CHANGED``, ``trainer.effects``). With a word list (the N most frequent words of the usage examples), every
+split speaks only texts made of those words: spelling can then be learnt from a few thousand sentences, and
+errors measure hearing rather than orthography. The texts are whole usage examples or, many more of them, the
+phrases of listed words within the examples (``wordnet_phrases``). Voice, speed and pitch are drawn from the seed
+and the text, and every task of the build runs in a fresh process, so a rebuild is the same audio. The engines'
+silence beyond 0.1 s either side of a sentence is cut (``trim_silence``). Written as 16 kHz FLAC plus NeMo-style
+JSON-lines manifests, built in a temporary folder and renamed into place (one builder at a time, under a lock,
+``trainer.locks``): an interrupted build leaves no half corpus.
 """
 import ctypes
 import ctypes.util
@@ -38,15 +39,22 @@ from tqdm import tqdm
 
 from trainer import effects, locks
 from trainer.audio import SAMPLE_RATE, load_audio, resample
+from trainer.features import speed_perturb
 from trainer.text import normalize
 
 WORDNET = Path("/usr/share/wordnet")
-VERSION = 5  # 3: espeak-ng through its library, festival a process per task; 4: edge silence trimmed; 5: OOD suite
+VERSION = 6  # 3: espeak-ng via its library, festival a process per task; 4: edges trimmed; 5: OOD suite; 6: wide voices
 EDGE_S, SILENCE_DB = 0.1, 40.0  # silence kept either side of a sentence; silence: this far under the loudest
+# espeak-ng's voice variants heard in training: its own m/f sets, its Klatt synthesisers, and the named variants
+# that sound like speech (not whisper, croak or the robots); the variants of UNSEEN_VARIANTS are never among them.
+TRAIN_VARIANTS = ("m1", "m3", "m4", "m6", "m8", "f2", "f4", "klatt", "klatt2", "klatt3", "klatt4", "Alex", "Alicia",
+                  "Andy", "Annie", "anika", "announcer", "aunty", "belinda", "benjamin", "caleb", "david", "ed",
+                  "edward", "grandma", "grandpa", "john", "Lee", "linda", "max", "michel", "Michael", "Mike", "paul",
+                  "quincy", "rob", "robert", "shelby", "steph", "travis", "victor", "zac")
 # (engine, voice, share of utterances). festival starts slowly (0.5 s a process) and flite's awb and rms take
 # 90 ms a sentence against 3-30 ms for the others, so they speak smaller shares.
-TRAIN_VOICES = [("espeak-ng", f"{accent}+{variant}", 0.77 / 12) for accent in ("en-us", "en-gb", "en-gb-x-rp")
-                for variant in ("m1", "m3", "f2", "f4")] + \
+TRAIN_VOICES = [("espeak-ng", f"{accent}+{variant}", 0.77 / 3 / len(TRAIN_VARIANTS))
+                for accent in ("en-us", "en-gb", "en-gb-x-rp") for variant in TRAIN_VARIANTS] + \
                [("flite", "kal16", 0.1), ("flite", "awb", 0.05), ("flite", "rms", 0.05),
                 ("festival", "voice_kal_diphone", 0.03)]
 HELD_OUT_VOICES = [("flite", "slt", 0.5), ("espeak-ng", "en-gb-scotland+m2", 0.25), ("espeak-ng", "en-029+f3", 0.25)]
@@ -145,14 +153,15 @@ def _pick(voices: list, rng: random.Random) -> tuple:
 
 
 def _voice_of(text: str, seed: int, voices: list) -> tuple:
-    """(engine, voice, speed setting) of a sentence, drawn from ``voices`` by the seed and the sentence alone."""
+    """(engine, voice, setting) of a sentence, drawn from ``voices`` by the seed and the sentence alone. The
+    setting: espeak-ng's words a minute and pitch; flite's and festival's duration stretch and a shift of pitch
+    and formants together (resampled as speed perturbation is: a smaller or larger speaker), the variety these
+    engines' few voices lack."""
     rng = random.Random(f"{seed}:{text}")
     engine, voice = _pick(voices, rng)
     if engine == "espeak-ng":
-        return engine, voice, (rng.randint(145, 185), rng.randint(35, 65))  # words a minute, pitch
-    if engine == "flite":
-        return engine, voice, (round(rng.uniform(0.9, 1.15), 2),)  # duration stretch
-    return engine, voice, ()
+        return engine, voice, (rng.randint(120, 210), rng.randint(20, 80))
+    return engine, voice, (round(rng.uniform(0.8, 1.3), 2), round(rng.uniform(0.88, 1.12), 2))
 
 
 _ESPEAK_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
@@ -217,16 +226,17 @@ def _speak_files(engine: str, voice: str, items: list, tmp: str) -> list:
     0.5 s to start)."""
     wavs = [os.path.join(tmp, f"{i}.wav") for i in range(len(items))]
     if engine == "flite":
-        for (text, (stretch,)), wav in zip(items, wavs):
+        for (text, (stretch, _)), wav in zip(items, wavs):
             subprocess.run(["flite", "-voice", voice, "--setf", f"duration_stretch={stretch:.2f}", "-t", text,
                             "-o", wav], check=True, capture_output=True)
     else:
         script = os.path.join(tmp, "speak.scm")
         with open(script, "w") as f:
-            f.write(f"({voice})\n" + "".join(f'(utt.save.wave (SynthText "{text}") "{wav}" \'riff)\n'
-                                              for (text, _), wav in zip(items, wavs)))
+            f.write(f"({voice})\n" + "".join(f"(Parameter.set 'Duration_Stretch {stretch:.2f})\n"
+                                              f'(utt.save.wave (SynthText "{text}") "{wav}" \'riff)\n'
+                                              for (text, (stretch, _)), wav in zip(items, wavs)))
         subprocess.run(["festival", "-b", script], check=True, capture_output=True)
-    return [load_audio(wav) for wav in wavs]
+    return [speed_perturb(load_audio(wav), shift) for (_, (_, shift)), wav in zip(items, wavs)]
 
 
 def _synthesize(task: tuple) -> list:

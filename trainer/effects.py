@@ -75,6 +75,9 @@ def room_response(rt60: float, g: torch.Generator) -> torch.Tensor:
 
 
 def reverberate(wave: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
-    """``wave`` in the room of ``response`` (its first len(wave) samples), at the dry speech's RMS."""
-    wet = AF.fftconvolve(wave, response)[:len(wave)]
+    """``wave`` in the room of ``response`` (its first len(wave) samples), at the dry speech's RMS. The FFT is
+    a power of two long: 3-4x faster than one of the convolution's own length, which may have large prime
+    factors, and this runs in the loader for every reverberated training utterance."""
+    n = 1 << (len(wave) + len(response) - 2).bit_length()
+    wet = torch.fft.irfft(torch.fft.rfft(wave, n) * torch.fft.rfft(response, n), n)[:len(wave)]
     return wet * (rms(wave) / rms(wet))
