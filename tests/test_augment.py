@@ -54,10 +54,24 @@ def test_a_training_set_augments_each_epoch_anew_and_repeatably_and_a_dev_set_ne
     utts, tok = dev
     data = DataConfig(augment=EVERYTHING.model_dump(), specaugment={"freq_masks": 0, "time_masks": 0})
     train, again = (SpeechDataset(utts, tok, data, 80, train=True, seed=5) for _ in range(2))
-    assert train.cache is None  # augmented features are made anew each epoch
     first = [train[i][0] for i in range(4)]
     assert all(torch.equal(a, again[i][0]) for i, a in enumerate(first))  # a fresh loader, a resume: the same
     train.epoch = 1
     assert not any(torch.allclose(a, train[i][0]) for i, a in enumerate(first))
     plain = SpeechDataset(utts, tok, DataConfig(), 80, train=False)
     assert all(torch.equal(plain[i][0], SpeechDataset(utts, tok, data, 80, train=False)[i][0]) for i in range(4))
+
+
+def test_the_cache_holds_what_an_epoch_leaves_as_recorded_and_gives_it_back_as_computed(dev):
+    utts, tok = dev
+    data = DataConfig(augment={"noise_prob": 0.5}, speed_perturb=[1.0, 1.1],
+                      specaugment={"freq_masks": 0, "time_masks": 0})
+    train, uncached = SpeechDataset(utts, tok, data, 80, True, seed=5), \
+        SpeechDataset(utts, tok, data.model_copy(update={"cache_features": False}), 80, True, seed=5)
+    plain = []
+    for epoch in (0, 1):
+        train.epoch = uncached.epoch = epoch
+        plain.append({i for i in range(len(utts)) if train.plain(i)})
+        for _ in range(2):  # the second pass reads this epoch's plain utterances from the cache
+            assert all(torch.equal(train[i][0], uncached[i][0]) for i in range(len(utts)))
+    assert 0 < len(plain[0]) < len(utts) and set(train.cache) == plain[0] | plain[1]

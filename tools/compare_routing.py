@@ -292,8 +292,9 @@ def main(argv=None) -> int:
                    help="[NAME=]manifest or Lhotse cut set (repeatable); default: the embedded corpus's test, "
                         "test_ood and out-of-domain suite")
     p.add_argument("--cuts_root", default="", help="folder relative audio paths of cut sets start from")
-    p.add_argument("--ood", nargs="*", default=None, help="test sets averaged as out-of-domain (default: names "
-                                                         "containing 'ood')")
+    p.add_argument("--ood", nargs="*", default=None, help="test sets averaged as out-of-domain (default: the "
+                                                         "suite's with the default tests, else names containing "
+                                                         "'ood')")
     p.add_argument("--num_gpus", type=int, default=1, help="ranks per local run")
     p.add_argument("--device", default="cpu", help="for evaluation")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -312,7 +313,8 @@ def main(argv=None) -> int:
                     return 1
         if args.stage in ("all", "report"):
             tests = args.test or default_tests(args.config if args.stage == "all" else str(read_tasks(out)[0][1]))
-            ood = args.ood if args.ood is not None else [n for n, _ in tests if "ood" in n]
+            ood = args.ood if args.ood is not None else list(OOD_SUITE) if args.test is None else \
+                [n for n, _ in tests if "ood" in n]
             print(report(out, tests, ood, args.device, args.cuts_root))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -156,8 +156,9 @@ class DataConfig(_Strict):
         "loader", description="where log-mel, normalisation and SpecAugment run: per utterance in the loader's CPU "
                               "processes, or per batch on the rank's device (the loader then only decodes, speed-"
                               "perturbs and draws the masks)")
-    cache_features: bool = Field(True, description="keep features in memory (small corpora, no speed perturbation; "
-                                                   "with features_on loader only: device mode caches nothing)")
+    cache_features: bool = Field(True, description="keep features in memory (small corpora; those of utterances "
+                                                   "an epoch leaves unchanged by speed or augmentation; with "
+                                                   "features_on loader only: device mode caches nothing)")
     global_cmvn: str = Field("", description="statistics file of tools/compute_cmvn.py; empty: per utterance")
     specaugment: SpecAugmentConfig = Field(SpecAugmentConfig(), description="masks on training features")
     speed_perturb: list[float] = Field([], description="speed factors drawn per utterance, e.g. [0.9, 1.0, 1.1]")

@@ -26,8 +26,10 @@ STAND_IN_FRAMES = 8
 
 
 class SpeechDataset(Dataset):
-    """Features and labels of utterances. Features are cached when the data config allows (small corpora,
-    no speed perturbation or waveform augmentation, computed in the loader); SpecAugment, speed perturbation
+    """Features and labels of utterances. Features computed in the loader are cached when the data config
+    allows (small corpora), for the utterances an epoch's draws leave as recorded (``plain``): with speed
+    perturbation or waveform augmentation on a share of the utterances, the rest still cost nothing to load
+    again. SpecAugment (masks drawn after the cache), speed perturbation
     and waveform augmentation (``trainer.augment``) apply to training sets only. Where the features are
     computed, in the loader or on the rank's device, is up to ``self.features`` (``trainer.features.Features``);
     ``on_device`` readies a batch for the model.
@@ -42,9 +44,7 @@ class SpeechDataset(Dataset):
         self.features = Features(data, n_mels, train)
         self.speeds = list(data.speed_perturb) if train else []
         self.augment = WaveAugment(data.augment if train else AugmentConfig(), self.voices if utts else None)
-        cacheable = data.cache_features and not self.speeds and not self.augment.active and \
-            data.features_on == "loader"
-        self.cache = {} if cacheable else None
+        self.cache = {} if data.cache_features and data.features_on == "loader" else None
 
     def __len__(self):
         return len(self.utts)
@@ -53,10 +53,18 @@ class SpeechDataset(Dataset):
         """What the loader makes of an utterance (``Features.host``). Speed perturbation and waveform
         augmentation stay in the loader whatever ``data.features_on`` says: speed changes the length, which the
         host needs for the frame counts and the time masks, and each is cheap on one decoded waveform."""
-        wave = load_utterance(utt)
-        if self.speeds:
-            wave = speed_perturb(wave, random.Random(f"{self.seed}:{self.epoch}:{i}").choice(self.speeds))
-        return self.features.host(self.augment(wave, f"{self.seed}:{self.epoch}:{i}:augment"))
+        wave = speed_perturb(load_utterance(utt), self.speed(i))
+        return self.features.host(self.augment(wave, self.augment_key(i)))
+
+    def speed(self, i) -> float:
+        return random.Random(f"{self.seed}:{self.epoch}:{i}").choice(self.speeds) if self.speeds else 1.0
+
+    def augment_key(self, i) -> str:
+        return f"{self.seed}:{self.epoch}:{i}:augment"
+
+    def plain(self, i) -> bool:
+        """Whether this epoch leaves utterance ``i`` as recorded (no speed change, no effect drawn)."""
+        return self.speed(i) == 1.0 and not self.augment.changes(self.augment_key(i))
 
     def voices(self, rng: random.Random) -> list[torch.Tensor]:
         """Babble's voices: the readable ones of BABBLE_VOICES training utterances drawn by ``rng``."""
@@ -72,12 +80,13 @@ class SpeechDataset(Dataset):
         """(signal, targets, key, (freq masks, time masks)): the signal as ``Features.host`` makes it, masked in
         loader mode; None when the audio cannot be decoded."""
         i, utt = item if isinstance(item, tuple) else (item, self.utts[item])
+        cached = self.cache is not None and self.plain(i)
         try:
-            x = self.cache[i] if self.cache is not None and i in self.cache else self.load(i, utt)
+            x = self.cache[i] if cached and i in self.cache else self.load(i, utt)
         except Exception as e:  # any decoding failure skips the utterance; the run goes on
             print(f"skipping {utt.origin}: audio {utt.audio} unreadable ({e})", file=sys.stderr, flush=True)
             return None
-        if self.cache is not None:
+        if cached:
             self.cache[i] = x
         x, masks = self.features.masked(x, hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
         return x, torch.tensor(self.tokenizer.encode(utt.text), dtype=torch.long), i, masks
