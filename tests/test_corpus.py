@@ -65,10 +65,10 @@ def test_training_draws_span_many_voices_speeds_and_shifts_and_never_the_suites_
     draws = [_voice_of(f"phrase {i}", 1234, TRAIN_VOICES) for i in range(3000)]
     espeak = [(voice, setting) for engine, voice, setting in draws if engine == "espeak-ng"]
     assert len({voice for voice, _ in espeak}) >= 100  # of 3 accents x 42 variants
-    assert min(s[0] for _, s in espeak) <= 125 and max(s[0] for _, s in espeak) >= 205  # words a minute
-    assert min(s[1] for _, s in espeak) <= 25 and max(s[1] for _, s in espeak) >= 75  # pitch
+    assert min(s[0] for _, s in espeak) <= 135 and max(s[0] for _, s in espeak) >= 195  # words a minute
+    assert min(s[1] for _, s in espeak) <= 35 and max(s[1] for _, s in espeak) >= 65  # pitch
     shifts = [setting[1] for engine, _, setting in draws if engine != "espeak-ng"]
-    assert min(shifts) <= 0.9 and max(shifts) >= 1.1
+    assert min(shifts) <= 0.95 and max(shifts) >= 1.05
     held_out = {voice.split("+")[1] for engine, voice, _ in UNSEEN_VARIANTS if engine == "espeak-ng"}
     assert held_out and not held_out & set(TRAIN_VARIANTS)
     assert not {accent(f"e:{v}") for _, v, _ in UNSEEN_ACCENTS} & {accent(f"e:{v}") for _, v, _ in TRAIN_VOICES}

@@ -1,7 +1,7 @@
 """The embedded default corpus: English sentences from WordNet spoken by Debian's offline speech engines.
 
 Training voices (espeak-ng's three main English accents in 42 voice variants, its Klatt synthesisers among them,
-at 120-210 words a minute and pitch 20-80; flite kal16/awb/rms and festival kal_diphone stretched in duration and
+at 130-200 words a minute and pitch 30-70; flite kal16/awb/rms and festival kal_diphone stretched in duration and
 shifted in pitch and formants) speak WordNet's usage examples, split train/dev/test by a hash of their normalised
 text, so no sentence is in two splits. A fourth split, ``test_ood``, is held out twice over: other voices (flite
 slt, espeak-ng's Scottish and Caribbean accents) speaking another text source (WordNet's glosses). The
@@ -43,7 +43,7 @@ from trainer.features import speed_perturb
 from trainer.text import normalize
 
 WORDNET = Path("/usr/share/wordnet")
-VERSION = 6  # 3: espeak-ng via its library, festival a process per task; 4: edges trimmed; 5: OOD suite; 6: wide voices
+VERSION = 7  # 3: espeak-ng by its library; 4: edges trimmed; 5: OOD suite; 6: wide voices; 7: narrower ranges
 EDGE_S, SILENCE_DB = 0.1, 40.0  # silence kept either side of a sentence; silence: this far under the loudest
 # espeak-ng's voice variants heard in training: its own m/f sets, its Klatt synthesisers, and the named variants
 # that sound like speech (not whisper, croak or the robots); the variants of UNSEEN_VARIANTS are never among them.
@@ -160,8 +160,8 @@ def _voice_of(text: str, seed: int, voices: list) -> tuple:
     rng = random.Random(f"{seed}:{text}")
     engine, voice = _pick(voices, rng)
     if engine == "espeak-ng":
-        return engine, voice, (rng.randint(120, 210), rng.randint(20, 80))
-    return engine, voice, (round(rng.uniform(0.8, 1.3), 2), round(rng.uniform(0.88, 1.12), 2))
+        return engine, voice, (rng.randint(130, 200), rng.randint(30, 70))
+    return engine, voice, (round(rng.uniform(0.9, 1.15), 2), round(rng.uniform(0.94, 1.06), 2))
 
 
 _ESPEAK_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
