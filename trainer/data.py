@@ -29,10 +29,10 @@ class SpeechDataset(Dataset):
     """Features and labels of utterances. Features computed in the loader are cached when the data config
     allows (small corpora), for the utterances an epoch's draws leave as recorded (``plain``): with speed
     perturbation or waveform augmentation on a share of the utterances, the rest still cost nothing to load
-    again. SpecAugment (masks drawn after the cache), speed perturbation
-    and waveform augmentation (``trainer.augment``) apply to training sets only. Where the features are
-    computed, in the loader or on the rank's device, is up to ``self.features`` (``trainer.features.Features``);
-    ``on_device`` readies a batch for the model.
+    again. SpecAugment (masks drawn after the cache), speed perturbation and waveform augmentation
+    (``trainer.augment``) apply to training sets only. Where the features are computed, in the loader or on the
+    rank's device, is up to ``self.features`` (``trainer.features.Features``); ``on_device`` readies a batch for
+    the model.
 
     An item is named by its index into ``utts``, or, for a training set read lazily from shards (``shards``),
     carried whole as (key, utterance); the key seeds its augmentation."""
