@@ -19,8 +19,8 @@ BABBLE_VOICES = 3
 
 class WaveAugment:
     """``augment(wave, key)`` -> the waveform with this utterance's draws applied (the input itself when none is
-    drawn: ``changes(key)`` is False). ``voices(rng)``: other utterances' waveforms for babble noise, None where there are none to draw
-    (a set read lazily from shards: then the noise is coloured only)."""
+    drawn: ``changes(key)`` is False). ``voices(rng)``: other utterances' waveforms for babble noise, None where
+    there are none to draw (a set read lazily from shards: then the noise is coloured only)."""
 
     def __init__(self, cfg: AugmentConfig, voices: Optional[Callable[[random.Random], list[torch.Tensor]]]):
         self.cfg, self.voices = cfg, voices
