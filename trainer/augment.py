@@ -36,9 +36,11 @@ class WaveAugment:
         return self.active and any(self._decide(key)[1])
 
     def __call__(self, wave: torch.Tensor, key: str) -> torch.Tensor:
-        if not self.changes(key):
+        if not self.active:
             return wave
         cfg, (rng, (room, noisy, phone)) = self.cfg, self._decide(key)
+        if not (room or noisy or phone):
+            return wave
         g = torch.Generator().manual_seed(rng.getrandbits(63))
         if room:
             wave = effects.reverberate(wave, effects.room_response(rng.uniform(*cfg.reverb_rt60), g))
