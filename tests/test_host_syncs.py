@@ -27,6 +27,28 @@ def test_the_counter_sees_each_kind_of_host_read_and_nothing_else():
     assert all(where.startswith("test_host_syncs.py") or where == "elsewhere" for _, where in log.events)
 
 
+def test_with_a_device_given_reads_of_its_tensors_and_blocking_copies_to_it_count_and_host_reads_do_not():
+    """On meta (as on a GPU) host and device tensors differ: ``int`` of a host tensor is no sync, a read of a
+    device tensor is, and so is a copy to the device not asked to be non-blocking (``.to``, ``torch.tensor(...,
+    device=)``); non-blocking copies are listed apart."""
+    host, device = torch.arange(4), torch.empty(4, device="meta")
+    with count_host_syncs("meta") as log:
+        int(host.sum())
+        host.tolist()
+        host.to("meta", non_blocking=True)
+        device.copy_(host, non_blocking=True)
+        host.to("meta")
+        device.copy_(host)
+        torch.tensor([1.0, 2.0], device="meta")
+        torch.full((), 3.0, device="meta")  # made on the device: no copy
+        try:
+            device.tolist()
+        except (RuntimeError, NotImplementedError):  # meta holds no values; the read is counted first
+            pass
+    assert [what for what, _ in log.events] == ["blocking host-to-device copy"] * 3 + ["tolist"], log.events
+    assert [what for what, _ in log.copies] == ["host-to-device copy"] * 2, log.copies
+
+
 def _step_syncs(k: int) -> dict:
     """Syncs of one training forward+backward and one evaluation forward of the shipped 4-layer model, in
     capacity mode (dropping) and dropless mode, on this rank: {mode: (train events, eval events, MoE layers)}."""

@@ -1,6 +1,10 @@
 """Will this run be fast? About a minute on the real allocation answers it, before the job waits in a queue.
 
     deepspeed [--num_gpus N] tools/preflight.py --deepspeed_config CONFIG [trainer/main.py's data flags, --set ...]
+    python tools/preflight.py --dry_run --gpus N [--gpu H100] --deepspeed_config CONFIG    # no GPU needed
+
+``--dry_run`` answers the memory and sync questions on any machine, before an allocation: the configured step
+on rank 0 of N GPUs, on meta tensors (``tools/dry_run.py``).
 
 or under srun, one task per GPU, with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set as
 slurm/train.sh sets them. The flags are trainer/main.py's (``trainer.run.parse_args`` and ``load_project``; the
@@ -18,7 +22,9 @@ the same model and DeepSpeed engine. Rank 0 prints:
 3. the step: optimizer steps of the configured model at the configured batch on a synthetic batch (utterances
    of --utt_seconds of noise through the dataset's own feature path, random targets), as ``Trainer.train_step``
    makes them; the median step time, TFLOP/s and MFU (``model_flops``), peak memory, and the host syncs of one
-   forward+backward (``trainer.host_syncs``) against the mode's budget;
+   forward+backward (``trainer.host_syncs``) against the mode's budget, and on CUDA every sync the driver
+   sees in one forward, backward and optimizer step (``torch.cuda.set_sync_debug_mode``: DeepSpeed's and the
+   kernels' own included);
 4. the loader: seconds of audio one loader process delivers on this rank's training batches, against what the
    step consumes, so the loader processes a rank needs against ``data.num_workers``;
 5. verdicts.
@@ -43,17 +49,15 @@ from trainer.data import epoch_batches, loader
 from trainer.datasets import prepare_data
 from trainer.engine import build_engine, build_model, step_loss
 from trainer.features import HOP, WINDOW
-from trainer.host_syncs import count_host_syncs
+from trainer.host_syncs import count_host_syncs, cuda_syncs
 from trainer.model import moe_blocks
 from trainer.plan import plan_run
 from trainer.routing import train_capacity
 from trainer.sources import DataError
 from trainer.stopping import launcher_chain
+from tools import gpu_specs
+from tools.dry_run import DryRunError, dry_run, sync_budget
 
-# Dense (not sparse) peak TFLOP/s: (bf16 or fp16 tensor cores, plain fp32 without TF32, PyTorch's matmul
-# default); the first name found in the device's name counts, so the specific ones come first.
-PEAK_TFLOPS = {"H100 PCIe": (756, 51), "H100 NVL": (835, 60), "H200": (989, 67), "H100": (989, 67),
-               "A100": (312, 19.5), "L40S": (362, 91.6), "V100": (125, 15.7)}  # V100: fp16, it has no bf16
 FRAMES_PER_S = 100  # 10 ms input frames
 TARGETS_PER_S = 4  # sentencepiece pieces per second of speech in the synthetic batch
 
@@ -67,7 +71,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps (the median is reported)")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions of each collective")
     p.add_argument("--loader_seconds", type=float, default=20.0, help="how long the loader is read")
-    p.add_argument("--peak_tflops", type=float, default=None, help="the device's peak (default: a known table)")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="the device's peak (default: tools/gpu_specs.py, by the name torch reports)")
+    p.add_argument("--dry_run", action="store_true", help="no GPU needed: the step on meta tensors (tools/dry_run.py)")
+    p.add_argument("--gpus", type=int, default=1, help="with --dry_run: the GPUs of the run")
+    p.add_argument("--gpu", default="H100", help="with --dry_run: the GPU (a name torch reports, or H100, H200, ...)")
     own, rest = p.parse_known_args(argv)
     return own, run.parse_args(rest)
 
@@ -207,22 +215,16 @@ def model_flops(cfg: ModelConfig, moe: MoEConfig, utts: int, frames: int, vocab:
 
 def peak_tflops(gpu: str, half: bool, given) -> float | None:
     """The device's dense peak for the engine's precision: --peak_tflops, else the table; None if unknown."""
-    if given:
-        return given
-    for name, (bf16, fp32) in PEAK_TFLOPS.items():
-        if name in gpu:
-            return bf16 if half else fp32
-    return None
+    return given or gpu_specs.peak_tflops(gpu, half)
 
 
 def synthetic_batch(train_set, micro_frames: int, utt_seconds: float, vocab: int, stacking: int, seed: int):
     """A batch as the loader hands it over, in either ``data.features_on`` mode: B utterances of T frames of
-    noise, B x T as close to the micro-batch's padded frames as whole utterances allow, made by the dataset
-    itself (``Features.host``, its masks, ``collate``), with random targets of 4 pieces per second. Returns
+    noise, as many as the micro-batch's padded frames hold (the sampler's packing), made by the dataset itself
+    (``Features.host``, its masks, ``collate``), with random targets of 4 pieces per second. Returns
     (batch, B, T)."""
     T = min(max(1, round(utt_seconds * FRAMES_PER_S)), micro_frames)
     B = max(1, micro_frames // T)
-    T = micro_frames // B
     g = torch.Generator().manual_seed(seed)
     n_targets = max(1, min(T * TARGETS_PER_S // FRAMES_PER_S, T // stacking // 2))
     items = []
@@ -255,18 +257,6 @@ def step_times(engine, plan, train_set, batch: dict, warmup: int, steps: int) ->
         if s >= warmup:
             times.append(time.perf_counter() - t0)
     return times
-
-
-def sync_budget(project) -> tuple[int, str]:
-    """(host syncs of one training forward+backward, the mode): dense reads the step's outcome once; capacity
-    mode also reads the group's frame count for the capacity; dropless, and capacity mode without dropping,
-    read split sizes (or the busiest expert) once per MoE layer (tests/test_host_syncs.py holds them)."""
-    moe, layers = project.moe, len(moe_blocks(project.model, project.moe))
-    if not layers:
-        return 1, "dense"
-    if moe.dropless:
-        return layers + 1, "dropless"
-    return (2, "capacity mode") if moe.drop_tokens else (layers + 1, "capacity mode without dropping")
 
 
 def peak_memory_gb(device: torch.device) -> tuple[float, str]:
@@ -315,6 +305,13 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error:\n{e}", file=sys.stderr)
         return 2
+    if own.dry_run:
+        try:
+            dry_run(own.gpus, own.gpu, ds_config, project)
+        except (ConfigError, DryRunError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1 if isinstance(e, DryRunError) else 2
+        return 0
     missing = distributed.missing_gpus(bool(launcher_chain()))
     distributed.init(project.run.collective_timeout_s)
     try:
@@ -358,10 +355,15 @@ def measure(own, plan, engine, model, train_set, vocab: int, missing: str) -> di
         torch.cuda.reset_peak_memory_stats(engine.device)
     times = step_times(engine, plan, train_set, batch, own.warmup, own.steps)
     r["step_s"] = slowest(statistics.median(times))
-    with count_host_syncs() as log:
+    with count_host_syncs(engine.device) as log:
         forward_backward(engine, plan, train_set, batch)
     engine.step()
     r["syncs"] = (log.count, log.summary())
+    if engine.device.type == "cuda":
+        with cuda_syncs() as driver:
+            forward_backward(engine, plan, train_set, batch)
+            engine.step()
+        r["cuda_syncs"] = (driver.count, driver.summary())
     gb, what = peak_memory_gb(engine.device)
     r["memory"] = (slowest(gb), what)
     r["loader"] = distributed.gather_objects(loader_rate(train_set, split.micro_frames, project.run.seed,
@@ -423,10 +425,14 @@ def report(own, plan, engine, r: dict):
     gb, what = r["memory"]
     print(f"peak memory {gb:.2f} GB ({what}, largest rank)")
     count, summary = r["syncs"]
-    budget, mode = sync_budget(project)
+    budget, mode = sync_budget(project, plan.ep_size, engine.device.type == "cpu")
     print(f"host syncs in one forward+backward: {count}" + (f"\n{summary}" if summary else ""))
     verdicts.append(f"host syncs per step: {count} ({mode} budget {budget})" + (" OVER BUDGET" if count > budget
                                                                                else ""))
+    if "cuda_syncs" in r:
+        count, summary = r["cuda_syncs"]
+        print(f"syncs the CUDA driver saw in one forward, backward and optimizer step: {count}"
+              + (f"\n{summary}" if summary else ""))
 
     print("== loader")
     rates = [x for x in r["loader"] if x[2]]

@@ -113,8 +113,23 @@ def is_collective_failure(error: BaseException) -> bool:
 
 
 def device() -> torch.device:
-    """The device of every collective's tensors: this rank's accelerator (the CPU under gloo)."""
-    return torch.device(deepspeed.get_accelerator().current_device_name())
+    """The device of every collective's tensors: this rank's accelerator (the CPU under gloo), or the device a
+    dry run stands in for it (``collectives_on``)."""
+    return _stand_in[0] or torch.device(deepspeed.get_accelerator().current_device_name())
+
+
+_stand_in = [None]
+
+
+@contextmanager
+def collectives_on(stand_in: torch.device):
+    """Collectives on ``stand_in`` while the block runs: the ``meta`` tensors of ``tools/dry_run.py``, under a
+    process group that moves nothing, in place of the accelerator this machine lacks."""
+    _stand_in[0] = stand_in
+    try:
+        yield
+    finally:
+        _stand_in[0] = None
 
 
 def rank() -> int:
@@ -164,11 +179,13 @@ def on_rank0(fn: Callable, raises: type, errors=(OSError, ValueError, RuntimeErr
 
 
 def group_max(value: torch.Tensor, group) -> int:
-    """The largest of a one-element integer tensor over a process group, read on the host: one all-reduce
-    when the group has more than one rank, and one host read (a sync where the value is on an accelerator)."""
-    t = value.reshape(1).to(device(), torch.int64)
-    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    """The largest of a one-element integer tensor over a process group, read on the host: with one rank in
+    the group the value itself (no copy, and no sync where it is on the host); else one all-reduce on the
+    collective device and one host read (a sync)."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return int(value)
+    t = value.reshape(1).to(device(), torch.int64, non_blocking=True)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return int(t.item())
 
 
@@ -177,7 +194,7 @@ def sum_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     collective device (``device()``), in the same shapes. No host sync: a caller that needs a value on the host
     reads it. Every rank must pass the same keys and shapes."""
     keys = sorted(values)
-    flat = torch.cat([values[k].detach().reshape(-1).to(device(), torch.float64) for k in keys])
+    flat = torch.cat([values[k].detach().reshape(-1).to(device(), torch.float64, non_blocking=True) for k in keys])
     if world() > 1:
         dist.all_reduce(flat)
     out, at = {}, 0
@@ -215,5 +232,5 @@ def all_to_all(x: torch.Tensor, out_splits: list, in_splits: list, group) -> tor
 def exchange_counts(counts_GX: torch.Tensor, group) -> torch.Tensor:
     """Row g of ``counts_GX`` goes to rank g of the group; returns the rows received, one per source rank."""
     received = torch.empty_like(counts_GX, device=device())
-    dist.all_to_all_single(received, counts_GX.to(device()).contiguous(), group=group)
+    dist.all_to_all_single(received, counts_GX.to(device(), non_blocking=True).contiguous(), group=group)
     return received.to(counts_GX.device)

@@ -4,8 +4,10 @@
   b1 [n, F], w2 [n, D, F], b2 [n, D]), so a forward never copies weights; its state dict shows DeepSpeed's
   per-expert names (``deepspeed_experts.<j>.0.weight`` ...), so checkpoint files, their names and everything
   that reads them are those of DeepSpeed's ``Experts``. The parameters carry DeepSpeed's expert marks.
-* ``expert_ffn`` computes routes sorted by expert with ``torch.nn.functional.grouped_mm`` where it runs fast
-  (CUDA, bf16, SM80+), else one matmul per expert on its rows; capacity mode and dropless mode both use it.
+* ``expert_ffn`` computes routes sorted by expert with ``torch.nn.functional.grouped_mm`` where torch has its
+  fast kernel (``grouped_mm_fast``, chosen once when the model is built), else one matmul per expert on its
+  rows; capacity mode and dropless mode both use it. On either path an expert's bias gradient is a sum over
+  its rows accumulated in fp32, and an expert with no rows gets zero gradients.
 * ``dropless_moe`` routes every frame without a capacity buffer: routes are sorted by expert, each expert
   computes exactly its routes, and across the expert-parallel group an all-to-all with split sizes moves
   exactly what each rank sends (one small all-to-all of the counts per layer first). The host reads the split
@@ -37,6 +39,7 @@ class GroupedExperts(Experts):
         self.b2 = nn.Parameter(torch.empty(n, d_model))
         for p in self.parameters():  # what Experts marks: reduced over the expert-data-parallel group only
             p.allreduce, p.group_name = False, expert_group_name
+        self.grouped_mm = False  # set by ``use_grouped_mm`` where the device has the fast kernel
         self.register_state_dict_post_hook(_per_expert_state)
         self.register_load_state_dict_pre_hook(_stacked_state)
 
@@ -74,29 +77,89 @@ def _stacked_state(module: GroupedExperts, state: dict, prefix: str, local_metad
             state[prefix + name] = torch.stack([state.pop(k) for k in keys])
 
 
-def grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``grouped_mm`` has a fast kernel for these operands: CUDA, bf16, SM80+, 16-byte rows."""
-    return (x.is_cuda and x.dtype == weight.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)
-            >= (8, 0) and x.shape[-1] % 8 == 0 and weight.shape[-2] % 8 == 0)
+def grouped_mm_fast(capability, dtype: torch.dtype, d_model: int, ffn_dim: int) -> bool:
+    """Whether ``grouped_mm`` is the faster path on a device of this CUDA ``capability`` (None: not CUDA). torch
+    2.11 has its grouped GEMM kernel for SM 9.x and 10.x only (``GroupedBlas.cpp``); elsewhere it falls back to
+    one matmul per group after an ``offs.cpu()`` host sync, slower than the per-expert loop. bf16 with 16-byte
+    rows only."""
+    return (capability is not None and capability[0] in (9, 10) and dtype == torch.bfloat16
+            and d_model % 8 == 0 and ffn_dim % 8 == 0)
 
 
 def expert_ffn(x_RD: torch.Tensor, counts_n: torch.Tensor, sizes: list[int], experts: GroupedExperts,
                grouped: bool = None) -> torch.Tensor:
     """[R, D] -> [R, D]: rows sorted by local expert, ``sizes[j]`` (host) = ``counts_n[j]`` (device) of them
-    for expert j, each through its Linear-ReLU-Linear. ``grouped``: use ``grouped_mm`` (default: where it
-    runs fast); else one matmul per expert, which an expert with no rows still enters (so every expert has a
-    gradient, as in capacity mode)."""
+    for expert j, each through its Linear-ReLU-Linear. ``grouped``: use ``grouped_mm`` (default: the layer's
+    choice, ``GroupedExperts.grouped_mm``); else one matmul per expert, which an expert with no rows still
+    enters (so every expert has a gradient, zero where it had no rows, as in capacity mode)."""
+    grouped = experts.grouped_mm if grouped is None else grouped
     w1, b1, w2, b2 = experts.weights()
-    if grouped is None:
-        grouped = grouped_mm_runs(x_RD, w1)
     if not grouped:
-        parts = torch.split(x_RD, sizes)
-        return torch.cat([F.linear(F.relu(F.linear(x, w1[j], b1[j])), w2[j], b2[j]) for j, x in enumerate(parts)])
+        return _PerExpert.apply(x_RD, w1, b1, w2, b2, sizes)
+    has_rows_n = counts_n > 0
+    w1, w2 = _zero_grad_where_empty(w1, has_rows_n), _zero_grad_where_empty(w2, has_rows_n)
     offsets = counts_n.cumsum(0).to(torch.int32)
     expert_R = torch.repeat_interleave(torch.arange(len(sizes), device=x_RD.device), counts_n,
-                                       output_size=x_RD.shape[0])  # the expert of each row, for its bias
-    h_RF = F.relu(F.grouped_mm(x_RD, w1.transpose(1, 2), offs=offsets) + b1[expert_R])
-    return F.grouped_mm(h_RF, w2.transpose(1, 2), offs=offsets) + b2[expert_R]
+                                       output_size=x_RD.shape[0])
+    # Each row's bias through a one-hot matmul: its backward sums an expert's rows in a GEMM, accumulated in
+    # fp32, where b[expert_R]'s index_put would add them one by one in the weights' dtype (bf16).
+    one_hot_Rn = (expert_R.unsqueeze(1) == torch.arange(len(sizes), device=x_RD.device)).to(x_RD.dtype)
+    h_RF = F.relu(F.grouped_mm(x_RD, w1.transpose(1, 2), offs=offsets) + one_hot_Rn @ b1)
+    return F.grouped_mm(h_RF, w2.transpose(1, 2), offs=offsets) + one_hot_Rn @ b2
+
+
+class _PerExpert(torch.autograd.Function):
+    """One matmul per expert on its rows, reading and writing the stacked tensors in place: autograd over
+    per-expert views would copy every expert's gradient into the stack (``stack``, or a zero tensor of all n
+    per expert for ``w[j]``) and every output into a ``cat``, which at a few rows per expert costs as much as
+    the matmuls. Gradients as ``F.linear``'s: bias sums accumulated in fp32 by the reduction."""
+
+    @staticmethod
+    def forward(ctx, x_RD, w1_nFD, b1_nF, w2_nDF, b2_nD, sizes: list):
+        h_RF = x_RD.new_empty(x_RD.shape[0], w1_nFD.shape[1])
+        y_RD = x_RD.new_empty(x_RD.shape)
+        for j, (x, h, y) in enumerate(zip(*(t.split(sizes) for t in (x_RD, h_RF, y_RD)))):
+            torch.addmm(b1_nF[j], x, w1_nFD[j].t(), out=h).relu_()
+            torch.addmm(b2_nD[j], h, w2_nDF[j].t(), out=y)
+        ctx.sizes = sizes
+        ctx.save_for_backward(x_RD, h_RF, w1_nFD, w2_nDF)
+        return y_RD
+
+    @staticmethod
+    def backward(ctx, g_RD):
+        x_RD, h_RF, w1_nFD, w2_nDF = ctx.saved_tensors
+        g_RD = g_RD.contiguous()
+        gx_RD = torch.empty_like(x_RD)
+        gw1, gw2 = torch.empty_like(w1_nFD), torch.empty_like(w2_nDF)
+        gb1 = w1_nFD.new_empty(w1_nFD.shape[:2])
+        gb2 = w2_nDF.new_empty(w2_nDF.shape[:2])
+        for j, (x, h, g, gx) in enumerate(zip(*(t.split(ctx.sizes) for t in (x_RD, h_RF, g_RD, gx_RD)))):
+            torch.mm(g.t(), h, out=gw2[j])
+            gb2[j] = g.sum(0)
+            gh = torch.ops.aten.threshold_backward(g @ w2_nDF[j], h, 0)
+            torch.mm(gh.t(), x, out=gw1[j])
+            gb1[j] = gh.sum(0)
+            torch.mm(gh, w1_nFD[j], out=gx)
+        return gx_RD, gw1, gb1, gw2, gb2, None
+
+
+class _ZeroGradWhereEmpty(torch.autograd.Function):
+    """Identity on stacked weights [n, ...] whose gradient is zeroed for the experts with no rows: SM100's
+    grouped GEMM writes non-zero weight gradients for empty groups (pytorch issue 172439)."""
+
+    @staticmethod
+    def forward(ctx, w_n, has_rows_n):
+        ctx.save_for_backward(has_rows_n)
+        return w_n.view_as(w_n)
+
+    @staticmethod
+    def backward(ctx, grad_n):
+        has_rows_n, = ctx.saved_tensors
+        return grad_n * has_rows_n.view(-1, *[1] * (grad_n.dim() - 1)).to(grad_n.dtype), None
+
+
+def _zero_grad_where_empty(w_n: torch.Tensor, has_rows_n: torch.Tensor) -> torch.Tensor:
+    return _ZeroGradWhereEmpty.apply(w_n, has_rows_n)
 
 
 def dropless_moe(x_SD: torch.Tensor, indices_KS: torch.Tensor, gates_KS: torch.Tensor, experts: GroupedExperts,

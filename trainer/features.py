@@ -40,7 +40,7 @@ def _kaldi_constants(n_mels: int, device: torch.device) -> tuple[torch.Tensor, t
     banks, _ = torchaudio.compliance.kaldi.get_mel_banks(n_mels, FFT, float(SAMPLE_RATE), 20.0, 0.0, 100.0, -500.0,
                                                          1.0)
     banks = torch.nn.functional.pad(banks, (0, 1)).t().contiguous()  # the Nyquist bin has no weight
-    return window.to(device), banks.to(device)
+    return window.to(device, non_blocking=True), banks.to(device, non_blocking=True)
 
 
 def batched_log_mel(waves: torch.Tensor, wave_lengths: torch.Tensor, n_mels: int = 80) -> torch.Tensor:

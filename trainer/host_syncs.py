@@ -8,8 +8,14 @@ sync on a GPU by their nature are counted at dispatch, and the host reads of a t
 requests a GPU step makes, so its count is the GPU's. On CUDA, ``torch.cuda.set_sync_debug_mode`` reports the
 syncs the driver sees (``tools/preflight.py``). The package reads device tensors on the host with ``tolist``,
 ``cpu`` or a scalar conversion, never with ``to("cpu")``, which cannot be told from a host-to-device copy here.
+
+Given the step's ``device`` (a GPU, or ``meta`` in a dry run, ``tools/dry_run.py``), host and device tensors
+differ, and the count is exact: reads of device tensors alone, and copies from the host to the device, where a
+copy not asked to be non-blocking (``.to(device)``, ``torch.tensor(..., device=)``) waits for the device
+queue on CUDA: a sync. Non-blocking copies are listed apart (``SyncLog.copies``).
 """
 import traceback
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -29,16 +35,17 @@ _HOST_READS = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu}
 
 @dataclass
 class SyncLog:
-    """The syncs seen: (what, where in the package) per event, in order."""
+    """The syncs seen, and the non-blocking host-to-device copies: (what, where in the package) per event."""
     events: list = field(default_factory=list)
+    copies: list = field(default_factory=list)
 
     @property
     def count(self) -> int:
         return len(self.events)
 
-    def summary(self) -> str:
+    def summary(self, events: list = None) -> str:
         counts = {}
-        for what, where in self.events:
+        for what, where in self.events if events is None else events:
             counts[f"{what} at {where}"] = counts.get(f"{what} at {where}", 0) + 1
         return "\n".join(f"  {n} x {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
@@ -64,33 +71,78 @@ def _forces_sync(func, args, kwargs) -> bool:
     return False
 
 
+def _on(t, device_type: str) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type == device_type
+
+
+def _host_to_device(func, args, kwargs, device_type: str):
+    """None, or whether this op is a copy from the host to the device that was asked to be non-blocking."""
+    if func is aten._to_copy.default and _on(args[0], "cpu") and getattr(kwargs.get("device"), "type", None) == \
+            device_type:
+        return bool(kwargs.get("non_blocking"))
+    if func is aten.copy_.default and _on(args[0], device_type) and _on(args[1], "cpu"):
+        return bool(args[2] if len(args) > 2 else kwargs.get("non_blocking"))
+    return None
+
+
 class _DispatchCounter(TorchDispatchMode):
-    def __init__(self, log: SyncLog):
+    def __init__(self, log: SyncLog, device_type: str):
         super().__init__()
-        self.log = log
+        self.log, self.device_type = log, device_type
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _forces_sync(func, args, kwargs):
+        if self.device_type == "cpu":
+            if _forces_sync(func, args, kwargs):
+                self.log.events.append((func.__name__, _where()))
+        elif (non_blocking := _host_to_device(func, args, kwargs, self.device_type)) is not None:
+            (self.log.copies if non_blocking else self.log.events).append(
+                ("host-to-device copy" if non_blocking else "blocking host-to-device copy", _where()))
+        elif _forces_sync(func, args, kwargs) and any(_on(a, self.device_type) for a in args):
             self.log.events.append((func.__name__, _where()))
         return func(*args, **kwargs)
 
 
 class _FunctionCounter(TorchFunctionMode):
-    def __init__(self, log: SyncLog):
+    def __init__(self, log: SyncLog, device_type: str):
         super().__init__()
-        self.log = log
+        self.log, self.device_type = log, device_type
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _HOST_READS:
+        if func in _HOST_READS and (self.device_type == "cpu" or _on(args[0], self.device_type)):
             self.log.events.append((func.__name__, _where()))
+        elif func in (torch.tensor, torch.as_tensor) and self.device_type != "cpu" and \
+                torch.device(kwargs.get("device") or "cpu").type == self.device_type:
+            self.log.events.append(("blocking host-to-device copy", _where()))  # made on the host, then copied
         return func(*args, **kwargs)
 
 
 @contextmanager
-def count_host_syncs():
-    """``with count_host_syncs() as log: ...``; ``log.count`` and ``log.summary()`` afterwards."""
+def count_host_syncs(device=None):
+    """``with count_host_syncs() as log: ...``; ``log.count`` and ``log.summary()`` afterwards. ``device``: the
+    step's device, where it is not the CPU (see the module's docstring)."""
     log = SyncLog()
-    with _FunctionCounter(log), _DispatchCounter(log):
+    device_type = torch.device(device or "cpu").type
+    with _FunctionCounter(log, device_type), _DispatchCounter(log, device_type):
         yield log
+
+
+@contextmanager
+def cuda_syncs():
+    """Every sync the CUDA driver reports while the block runs (``torch.cuda.set_sync_debug_mode``: the
+    package's, DeepSpeed's and the kernels' own), as a SyncLog of (message, where in the package)."""
+    log = SyncLog()
+    previous = torch.cuda.get_sync_debug_mode()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        log.events.append((str(message).split(".")[0], _where()))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield log
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)

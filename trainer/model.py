@@ -6,7 +6,7 @@ blank (id 0).
 """
 import math
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -119,8 +119,10 @@ class Block(nn.Module):
         return x + self.drop(h), stats
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: DeepSpeed's engine hooks its backward prologue on the tensors of the
+    outputs it can walk (tuples, lists, dicts), and without the prologue fp32 gradient accumulation in bf16
+    counts earlier micro-batches again (tests/test_parallel.py)."""
     log_probs: torch.Tensor  # [B, T', V+1]
     lengths: torch.Tensor  # [B] valid encoder frames, on the device of the input lengths (the host in training)
     routing: list[RoutingStats]  # one per MoE layer, in depth order (empty for dense)
@@ -176,6 +178,12 @@ class CTCModel(nn.Module):
         self.ln_out = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab_size + 1)  # + blank
 
+    def use_grouped_mm(self, on: bool):
+        """Every MoE layer's expert path: ``grouped_mm`` (where ``experts.grouped_mm_fast``) or a matmul per expert."""
+        for block in self.blocks:
+            if isinstance(block.ffn, MoEFeedForward):
+                local_experts(block.ffn.moe).grouped_mm = on
+
     def routers(self) -> list:
         """Distinct router modules: one for omni, one per MoE layer for switch, none for dense."""
         gates = [b.ffn.gate for b in self.blocks if isinstance(b.ffn, MoEFeedForward)]
@@ -187,14 +195,17 @@ class CTCModel(nn.Module):
         whatever a batch holds in its padding never reaches a real step."""
         B, T, F_ = feats.shape
         feats = feats.to(self.input_proj.weight.dtype)  # fp32 features into a bf16 (or fp16) engine's weights
-        on_device = lengths.to(feats.device)  # a copy to the device, not a sync
+        on_device = lengths.to(feats.device, non_blocking=True)  # the step's one copy of them (pinned in the loader)
         feats = feats * (torch.arange(T, device=feats.device) < on_device.unsqueeze(1)).unsqueeze(-1).to(feats.dtype)
         pad = (-T) % self.stack
         feats = F.pad(feats, (0, 0, 0, pad))
         x = self.input_proj(feats.reshape(B, (T + pad) // self.stack, F_ * self.stack))
-        out_lengths = torch.div(lengths + self.stack - 1, self.stack, rounding_mode="floor")
-        real = torch.arange(x.shape[1], device=x.device).unsqueeze(0) < out_lengths.to(x.device).unsqueeze(1)
-        return x, out_lengths, real
+        real = torch.arange(x.shape[1], device=x.device).unsqueeze(0) < self.stacked(on_device).unsqueeze(1)
+        return x, self.stacked(lengths), real
+
+    def stacked(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Input frames -> encoder frames (after frame stacking), on the lengths' device."""
+        return torch.div(lengths + self.stack - 1, self.stack, rounding_mode="floor")
 
     def max_frames(self, out_lengths: torch.Tensor, carries_loss: torch.Tensor) -> int:
         """The largest routed-frame count of one rank in the expert-parallel group, once per forward (the same
@@ -219,7 +230,7 @@ class CTCModel(nn.Module):
         are attended but never routed nor counted by a router."""
         x, out_lengths, real = self.frontend(feats, lengths)
         carries_loss = torch.ones_like(lengths, dtype=torch.bool) if carries_loss is None else carries_loss
-        routed = real & carries_loss.to(real.device).unsqueeze(1)
+        routed = real & carries_loss.to(real.device, non_blocking=True).unsqueeze(1)
         x = self.drop(x + self.positions(real).to(x.dtype))
         max_frames = self.max_frames(out_lengths, carries_loss.to(out_lengths.device))
         T = x.shape[1]  # causal: True above the diagonal masks every later frame

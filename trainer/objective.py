@@ -29,7 +29,7 @@ def ctc_sums(out: ModelOutput, targets: torch.Tensor, target_lengths: torch.Tens
     stay on the host (CUDA's CTC reads them there: a device copy would cost a sync)."""
     losses = F.ctc_loss(out.log_probs.transpose(0, 1), targets, out.lengths, target_lengths, blank=BLANK,
                         reduction="none", zero_infinity=True)
-    return losses * weight.to(losses.device)
+    return losses * weight.to(losses.device, non_blocking=True)
 
 
 def real_frames(out: ModelOutput, weight: torch.Tensor) -> torch.Tensor:
@@ -52,10 +52,9 @@ def step_totals(out: ModelOutput, frames: torch.Tensor, ctc_sum: torch.Tensor, s
     """One all-reduce per step (the global frame count, routing counts and the flags) and one host read of the
     frame count and flags, which is where the host learns whether the loss was finite (a collective)."""
     counts = torch.stack([s.choice_counts_E for s in out.routing]) if out.routing else ctc_sum.new_zeros(0, 0)
-    flags = torch.stack([(~torch.isfinite(ctc_sum.detach())).double(),
-                         torch.tensor(float(stop_requested), dtype=torch.float64, device=ctc_sum.device),
-                         torch.tensor(float(last), dtype=torch.float64, device=ctc_sum.device),
-                         frames.to(ctc_sum.device, torch.float64)])
+    on = dict(dtype=torch.float64, device=ctc_sum.device)  # made there (torch.full): a host value copied would sync
+    flags = torch.stack([(~torch.isfinite(ctc_sum.detach())).double(), torch.full((), float(stop_requested), **on),
+                         torch.full((), float(last), **on), frames.to(**on, non_blocking=True)])
     total = distributed.sum_over_ranks({"counts": counts, "flags": flags})
     bad, stop, last, frames = total["flags"].tolist()  # host sync: the step's one read of its own outcome
     return StepTotals(frames, total["counts"].to(counts.device, torch.float32), bad > 0, stop > 0, last > 0)

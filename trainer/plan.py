@@ -69,6 +69,14 @@ class RunPlan:
     output_dir: Path
     device: torch.device  # this rank's accelerator (the CPU under gloo)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The engine's parameter dtype (DeepSpeed's bf16 or fp16 section, else fp32)."""
+        for key, dtype in (("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16), ("fp16", torch.float16)):
+            if self.deepspeed.get(key, {}).get("enabled"):
+                return dtype
+        return torch.float32
+
 
 def plan_run(ds_config: dict, project: ProjectConfig, rank: int, world: int,
              device: torch.device = torch.device("cpu")) -> RunPlan:
