@@ -17,13 +17,13 @@ def in_fresh_process(fn, *args):
         return pool.submit(fn, *args).result(timeout=300)
 
 
-def _dry_run(config: str, gpus: int, overrides: dict = None) -> dict:
+def _dry_run(config: str, gpus: int, overrides: dict = None, gpu: str = "H100") -> dict:
     import io
-    from tools.dry_run import dry_run
+    from tools.dry_run import dry_run, verdict
     from trainer.config import load_config, with_overrides
     ds, project = load_config(config)
-    f = dry_run(gpus, "H100", ds, with_overrides(project, overrides or {}), out=io.StringIO())
-    return {"fits": f.fits, "need": f.need, "syncs": f.log.events, "copies": f.log.copies, "budget": f.budget,
+    f = dry_run(gpus, gpu, ds, with_overrides(project, overrides or {}), out=io.StringIO())
+    return {"fits": f.fits, "verdict": verdict(f), "need": f.need, "syncs": f.log.events, "copies": f.log.copies, "budget": f.budget,
             "memory": f.memory, "flops": f.flops, "kernel": f.kernel}
 
 
@@ -41,6 +41,18 @@ def test_the_step_mixes_no_device_keeps_the_sync_budget_copies_without_blocking_
     if config in PAPER:
         assert r["fits"], r["memory"]
         assert r["kernel"] == ("none (dense)" if "dense" in config else "grouped_mm")
+
+
+@pytest.mark.slow
+def test_a_step_that_does_not_fit_names_the_micro_batch_that_would_and_that_one_fits():
+    """The paper's omni model on one 16 GB V100 (its optimizer states alone take 7 GiB)."""
+    r = in_fresh_process(_dry_run, "ds_configs/paper/omni_8x84m.json", 1, None, "Tesla V100-SXM2-16GB")
+    assert not r["fits"] and "lower data.max_frames_per_rank to " in r["verdict"], r["verdict"]
+    frames = int(r["verdict"].split(" to ")[1].split(";")[0].replace(",", ""))
+    assert 0 < frames < 64000 and frames % 3000 == 0, r["verdict"]
+    r = in_fresh_process(_dry_run, "ds_configs/paper/omni_8x84m.json", 1, {"data.max_frames_per_rank": frames},
+                         "Tesla V100-SXM2-16GB")
+    assert r["fits"], r["verdict"]
 
 
 def _cpu_tensor_in_the_step(config: str):

@@ -295,7 +295,8 @@ def sync_budget(project: ProjectConfig, ep_size: int, host_reads_counted: bool =
 
 
 def largest_micro_frames(fixed: float, activations: float, micro_frames: int, budget: float, T: int) -> int:
-    """The micro-batch (whole utterances of T frames) whose activations, scaled with the frames, fit the budget."""
+    """The largest micro-batch (whole utterances of T frames) whose activations, scaled with its frames from the
+    measured ones, fit the budget beside the ``fixed`` states."""
     per_frame = activations / micro_frames
     frames = int((budget - fixed) / per_frame) if budget > fixed else 0
     return frames // T * T
@@ -392,16 +393,19 @@ def render(f: Figures) -> str:
 
 
 def verdict(f: Figures) -> str:
-    """"fits: 31 GiB of 80", or what to change; and the syncs over budget, if they are."""
+    """"fits: 15 GiB of 80" and how large a micro-batch would, or what to change; and the syncs over budget."""
     gpu, need, syncs = f.gpu, f.need / 2 ** 30, ""
     if f.log.count > f.budget:
         syncs = f"; {f.log.count} host syncs per micro-batch, over the budget of {f.budget}"
-    if f.fits:
-        return f"fits: {need:.0f} GiB of {gpu.memory_gib:g}" + syncs
     activations = f.memory["activations"]
     frames = largest_micro_frames(f.need - activations, activations, f.plan.batch.micro_frames,
                                   HEADROOM * gpu.memory_gib * 2 ** 30, f.batch[1])
+    if f.fits:
+        per_rank = f.plan.batch.batch_frames // f.plan.world
+        room = (f"the rank's whole batch, {per_rank:,} frames, would fit in one micro-batch" if frames >= per_rank
+                else f"data.max_frames_per_rank up to {frames:,} would")
+        return f"fits: {need:.0f} GiB of {gpu.memory_gib:g} ({room})" + syncs
     if not frames:
-        return (f"does not fit: {need:.0f} GiB of {gpu.memory_gib:g} before any activation: use more GPUs (experts "
-                "and optimizer states spread over them)" + syncs)
+        return (f"does not fit: {need:.0f} GiB of {gpu.memory_gib:g} before any activation: use more GPUs "
+                "(experts and optimizer states spread over them)" + syncs)
     return f"does not fit: {need:.0f} GiB of {gpu.memory_gib:g}; lower data.max_frames_per_rank to {frames:,}" + syncs
