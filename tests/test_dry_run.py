@@ -23,8 +23,8 @@ def _dry_run(config: str, gpus: int, overrides: dict = None, gpu: str = "H100") 
     from trainer.config import load_config, with_overrides
     ds, project = load_config(config)
     f = dry_run(gpus, gpu, ds, with_overrides(project, overrides or {}), out=io.StringIO())
-    return {"fits": f.fits, "verdict": verdict(f), "need": f.need, "syncs": f.log.events, "copies": f.log.copies, "budget": f.budget,
-            "memory": f.memory, "flops": f.flops, "kernel": f.kernel}
+    return {"fits": f.fits, "verdict": verdict(f), "need": f.need, "syncs": f.log.events, "copies": f.log.copies,
+            "budget": f.budget, "memory": f.memory, "flops": f.flops, "kernel": f.kernel}
 
 
 @pytest.mark.slow

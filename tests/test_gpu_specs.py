@@ -6,7 +6,8 @@ from tools.preflight import peak_tflops
 def test_each_board_has_its_own_peak_by_the_exact_name_torch_reports():
     """A name that contains another (an H200 NVL is not an H200) gets its own row, not the first match."""
     assert peak_tflops("NVIDIA H200 NVL", True, None) == 835 and peak_tflops("NVIDIA H200", True, None) == 989
-    assert peak_tflops("NVIDIA H100 PCIe", True, None) == 756 and peak_tflops("NVIDIA H100 80GB HBM3", True, None) == 989
+    assert peak_tflops("NVIDIA H100 PCIe", True, None) == 756
+    assert peak_tflops("NVIDIA H100 80GB HBM3", True, None) == 989
     assert peak_tflops("NVIDIA H800", True, None) == 989 and peak_tflops("NVIDIA H800", False, None) == 67
     assert peak_tflops("NVIDIA H200 NVL (a board we do not know)", True, None) is None
     assert peak_tflops("NVIDIA H200", True, 500.0) == 500.0  # --peak_tflops wins

@@ -378,7 +378,8 @@ def render(f: Figures) -> str:
         "== memory per GPU (GiB)",
         *(f"  {k:<16} {v / 2 ** 30:7.2f}   {sources.get(k, 'DeepSpeed 0.19.8 source (model_states)')}"
           for k, v in f.memory.items()),
-        f"  {'total':<16} {f.need / 2 ** 30:7.2f}   of {gpu.memory_gib:g} GiB ({HEADROOM:.0%} usable: {usable / 2 ** 30:.1f})",
+        f"  {'total':<16} {f.need / 2 ** 30:7.2f}   of {gpu.memory_gib:g} GiB "
+        f"({HEADROOM:.0%} usable: {usable / 2 ** 30:.1f})",
         "== compute",
         f"{f.flops / 1e12:.2f} TFLOP per optimizer step per rank ({plan.batch.accumulation} micro-batches, "
         f"FlopCounterMode); at {MFU:.0%} MFU of {f.peak_tflops:g} TFLOP/s: {f.step_s:.3f} s per step",
