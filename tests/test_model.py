@@ -173,3 +173,21 @@ def test_cape_model_is_deterministic_at_evaluation_only():
     assert torch.equal(model(b["feats"], b["lengths"]).log_probs, model(b["feats"], b["lengths"]).log_probs)
     model.train()
     assert not torch.equal(model(b["feats"], b["lengths"]).log_probs, model(b["feats"], b["lengths"]).log_probs)
+
+
+def test_the_aligned_head_gives_the_same_log_probs_and_gradients_and_keeps_the_parameter_shape():
+    """On CUDA the output GEMM runs on a weight padded to a multiple of 8 rows (VOCAB + 1 = 21 -> 24); the
+    padding columns are cut before the softmax, so nothing a loss or a decoder sees changes."""
+    p = tiny_project("omni")
+    results = []
+    for aligned in (False, True):
+        model = CTCModel(p.model, p.moe, VOCAB)
+        fill_weights(model)
+        model.aligned_head = aligned
+        b = batch(5)
+        out = model(b["feats"], b["lengths"])
+        out.log_probs.mul(torch.linspace(-1, 1, out.log_probs.numel()).view_as(out.log_probs)).sum().backward()
+        results.append((out.log_probs, model.head.weight.grad, model.head.bias.grad))
+    assert results[1][0].shape[-1] == VOCAB + 1 and model.head.weight.shape == (VOCAB + 1, p.model.d_model)
+    for a, b_ in zip(*results):
+        torch.testing.assert_close(a, b_)

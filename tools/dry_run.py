@@ -97,12 +97,13 @@ _META_CTC = []  # the library that holds the registration, made once per process
 
 def meta_model(plan: RunPlan, vocab: int, capability):
     """This rank's model on meta, in the engine's dtype, its MoE layers joined to their expert-parallel groups
-    as the engine joins them, the expert kernel chosen for ``capability``."""
+    as the engine joins them, the expert kernel chosen for ``capability``, the output GEMM aligned as on CUDA."""
     with META:
         model = build_model(plan, vocab)
     model.to(plan.dtype)
     cfg = plan.project.model
     model.use_grouped_mm(grouped_mm_fast(capability, plan.dtype, cfg.d_model, cfg.ffn_dim))
+    model.aligned_head = True  # as on CUDA
     for block in model.blocks:
         if isinstance(block.ffn, MoEFeedForward):
             block.ffn.moe.set_deepspeed_parallelism()

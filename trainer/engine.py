@@ -21,6 +21,7 @@ def build_model(plan: RunPlan, vocab_size: int) -> CTCModel:
     model = CTCModel(project.model, project.moe, vocab_size, plan.ep_size, plan.ep_rank, seed)
     capability = torch.cuda.get_device_capability(plan.device) if plan.device.type == "cuda" else None
     model.use_grouped_mm(grouped_mm_fast(capability, plan.dtype, project.model.d_model, project.model.ffn_dim))
+    model.aligned_head = plan.device.type == "cuda"
     torch.manual_seed(seed + 1000003 * (plan.rank + 1))  # CPU and accelerator streams, per rank
     return model
 

@@ -177,6 +177,18 @@ class CTCModel(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.ln_out = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab_size + 1)  # + blank
+        self.aligned_head = False  # set by ``trainer.engine.build_model`` on CUDA: see ``logits``
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> [..., V+1]. With ``aligned_head`` the GEMM runs on the weight padded with zero rows to a
+        multiple of 8 (V+1 = 4,097 columns of bf16 output are rows of 8,194 bytes, which cuBLAS's fast kernels
+        do not take), and the padding columns are cut before any softmax: they are never a class or a target.
+        The parameter keeps its V+1 rows, so checkpoints do not change."""
+        if not self.aligned_head:
+            return self.head(h)
+        n = self.head.out_features
+        pad = (-n) % 8
+        return F.linear(h, F.pad(self.head.weight, (0, 0, 0, pad)), F.pad(self.head.bias, (0, pad)))[..., :n]
 
     def use_grouped_mm(self, on: bool):
         """Every MoE layer's expert path: ``grouped_mm`` (where ``experts.grouped_mm_fast``) or a matmul per expert."""
@@ -240,5 +252,5 @@ class CTCModel(nn.Module):
             x, stats = block(x, real, routed, max_frames, causal)
             if stats is not None:
                 routing.append(stats)
-        logits = self.head(self.ln_out(x))
+        logits = self.logits(self.ln_out(x))
         return ModelOutput(F.log_softmax(logits.float(), dim=-1), out_lengths, routing)
