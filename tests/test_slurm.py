@@ -228,3 +228,6 @@ def test_compare_sh_runs_one_array_task_per_mode_and_seed(cluster, corpus, tmp_p
     maps = [json.loads((runs / f"routing-{m}" / "routing.json").read_text())["utterance"] for m in ("switch", "omni")]
     assert maps[0]["audio"] == maps[1]["audio"] and all((runs / f"routing-{m}" / "utterance.png").exists()
                                                         for m in ("switch", "omni"))
+    # the routing's structure per mode, and the paired statistics against both other modes
+    assert re.search(r"^\| omni \| [\d. ]+ \| [\d. ]+ \| [\d.]+ \| [\d. ]+ \|$", report, re.M), report
+    assert re.search(r"^\| switch \| test \| [+-]\d+\.\d\d \| ", report, re.M), report

@@ -1,6 +1,7 @@
 """The benchmarks run and print their figures (smoke runs at tiny sizes; the figures are not asserted), and the
 routing comparison runs end to end."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,11 @@ def test_compare_routing_trains_each_mode_once_evaluates_and_reports(tmp_path, c
         assert f"| {mode} | 1 | " in report
     assert "| mode | seeds | test_ood WER | test_ood CER | OOD average WER | OOD average CER |" in report
     assert "| omni vs dense |" in report and "switch" not in report
+    paired = re.search(r"^\| dense \| OOD average \| ([+-]\d+\.\d\d) \| [+-][\d.]+% \| "
+                       r"\[([+-][\d.]+), ([+-][\d.]+)\] \| ([\d.]+) \| [+-][\d.]+ \| (yes|no) \|$", report,
+                       re.M)  # the paired bootstrap, one seed
+    assert paired and float(paired[2]) <= float(paired[1]) <= float(paired[3]), report
+    assert paired[5] == ("yes" if float(paired[3]) < 0 or float(paired[2]) > 0 else "no")
     assert (out / "curves.png").read_bytes().startswith(b"\x89PNG") and (out / "routing.png").exists()
     assert json.loads((corpus / "corpus.json").read_text())["seed"] == 1234  # seed 7 trained on the same corpus
     second = run_tool(*args)

@@ -5,8 +5,9 @@
 
 Writes into --out: routing.json (per-layer expert usage, mean router entropy and the entropy of the usage;
 layer x layer normalised mutual information and Cramer's V of the top-1 choices, both invariant to how
-each layer's experts are numbered), dependency.png (the two heatmaps) and utterance.png (time x layer map of
-one utterance's choices). Switch and omni models give the same files, to compare side by side.
+each layer's experts are numbered; the temporal and depth structure, ``structure``), dependency.png (the two
+heatmaps) and utterance.png (time x layer map of one utterance's choices). Switch and omni models give the
+same files, to compare side by side.
 """
 import argparse
 import json
@@ -56,6 +57,31 @@ def summarise(flat: list, entropy: list, num_experts: int) -> dict:
     pairs = [[contingency(a, b, num_experts) for b in flat] for a in flat]
     return {"frames": len(flat[0]), "layers": layers, "nmi": [[nmi(t) for t in row] for row in pairs],
             "cramers_v": [[cramers_v(t) for t in row] for row in pairs]}
+
+
+def structure(per_utt: dict) -> dict:
+    """How the choices hang together in time and depth, over utterances of [layers, frames] choices:
+    ``run_length`` per layer, the mean length in frames of a run that keeps one expert (frames / runs: the
+    paper's temporal segments); ``same_adjacent`` per pair of adjacent layers and ``same_all``, the share of
+    frames whose expert has the same index there (chance with independent uniform choices: 1/E and
+    1/E^(layers-1); meaningful for omni, whose layers index their experts by one router's columns; NMI is the
+    measure that does not depend on numbering)."""
+    frames = all_same = 0
+    runs_L = same_L = None
+    for choices_LT in per_utt.values():
+        choices_LT = torch.stack(list(choices_LT)) if isinstance(choices_LT, (list, tuple)) else choices_LT
+        L, T = choices_LT.shape
+        if T == 0:
+            continue
+        if runs_L is None:
+            runs_L, same_L = torch.zeros(L, dtype=torch.int64), torch.zeros(max(L - 1, 0), dtype=torch.int64)
+        runs_L += 1 + (choices_LT[:, 1:] != choices_LT[:, :-1]).sum(1)
+        same_L += (choices_LT[1:] == choices_LT[:-1]).sum(1)
+        all_same += int((choices_LT == choices_LT[:1]).all(0).sum())
+        frames += T
+    return {"run_length": [frames / r for r in runs_L.tolist()],
+            "same_adjacent": [s / frames for s in same_L.tolist()],
+            "same_all": all_same / frames}
 
 
 def heatmaps(summary: dict, title: str, path: Path):
@@ -110,7 +136,7 @@ def main(argv=None) -> int:
         print(f"error: utterance {args.utterance} ({utts[args.utterance].audio}) could not be read", file=sys.stderr)
         return 2
     moe, model = recognizer.project.moe, recognizer.project.model
-    summary = summarise(flat, entropy, moe.num_experts)
+    summary = {**summarise(flat, entropy, moe.num_experts), **structure(per_utt)}
     choices = torch.stack(per_utt[args.utterance])
     title = f"{moe.mode}, {moe.num_experts} experts"
     summary.update(model=str(Path(args.model).resolve()), mode=moe.mode, num_experts=moe.num_experts,
@@ -126,6 +152,9 @@ def main(argv=None) -> int:
               f"{layer['router_entropy']:.3f} usage entropy {layer['usage_entropy']:.3f}")
     adjacent = [summary["nmi"][i][i + 1] for i in range(len(flat) - 1)]
     print(f"adjacent-layer NMI {' '.join(f'{x:.3f}' for x in adjacent)}; {summary['frames']} frames; wrote {out}")
+    print(f"mean run of one expert (frames) per layer {' '.join(f'{x:.2f}' for x in summary['run_length'])}; same "
+          f"expert index in adjacent layers {' '.join(f'{x:.3f}' for x in summary['same_adjacent'])}, in all "
+          f"{summary['same_all']:.3f}")
     return 0
 
 

@@ -17,7 +17,9 @@ mode. Locally the runs go one after another through DeepSpeed's launcher; a fini
 and an interrupted one resumes (the trainer's own resume). Each run is consolidated and scored with
 ``tools/evaluate.py``'s scoring. The report (``report.md``, ``curves.png``, ``routing.png``, ``routing-MODE/``):
 per test set and over the OOD sets, WER and CER as mean +- standard deviation over seeds; the relative WER change
-of omni vs dense and vs switch (the paper's -11.2% and -8.2%); training-loss curves; per-layer expert load and
+of omni vs dense and vs switch (the paper's -11.2% and -8.2%), and paired: each seed's difference and a bootstrap
+over utterances and seeds with its 95% interval and the probability that omni is better (``paired_bootstrap``);
+training-loss curves; per-layer expert load and
 adjacent-layer NMI per mode at the last evaluation; one utterance's experts, time x layer, under switch and omni.
 """
 import argparse
@@ -34,6 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from tools.analyze_routing import main as analyze  # noqa: E402
 from tools.evaluate import named, score  # noqa: E402
+from tools.paired_bootstrap import RESAMPLES, Paired, paired_bootstrap  # noqa: E402
 from tools.plot_runs import read_metrics  # noqa: E402
 from trainer.config import SECTION, ConfigError, load_config  # noqa: E402
 from trainer.corpus import OOD_SUITE  # noqa: E402
@@ -149,6 +152,37 @@ def relative_change(results: dict, modes: list[str], sets: list[str], ood: list[
     return rows
 
 
+def seed_of(name: str) -> int:
+    return int(name.split("-seed")[1])
+
+
+def paired(results: dict, mode: str, other: str, sets: list[str]) -> Paired:
+    """``mode`` vs ``other`` over ``sets`` (their WERs averaged), paired by seed, bootstrapped over utterances."""
+    seeds = sorted({seed_of(n) for n in results if n.startswith(mode + "-")}
+                   & {seed_of(n) for n in results if n.startswith(other + "-")})
+    runs = {m: [results[f"{m}-seed{s}"] for s in seeds] for m in (mode, other)}
+    return paired_bootstrap([([r[t]["utterance_errors"] for r in runs[mode]],
+                              [r[t]["utterance_errors"] for r in runs[other]]) for t in sets])
+
+
+def paired_rows(results: dict, modes: list[str], sets: list[str], ood: list[str]) -> list[str]:
+    """Omni against each other mode, per set and on the OOD average: the WER difference in points (negative:
+    omni better), its 95% interval from the paired bootstrap over utterances and seeds, the probability that
+    omni is better, each seed's difference, and "separated" only where the interval excludes zero."""
+    if "omni" not in modes:
+        return []
+    rows = ["| omni vs | set | WER difference (points) | relative | 95% interval | P(omni better) | per seed | "
+            "separated |", "|---|---|---|---|---|---|---|---|"]
+    columns = [(name, [name]) for name in sets] + ([("OOD average", ood)] if ood else [])
+    for other in [m for m in ("switch", "dense") if m in modes]:
+        for name, members in columns:
+            r = paired(results, "omni", other, members)
+            rows.append(f"| {other} | {name} | {r.difference:+.2f} | {100 * r.relative:+.1f}% | "
+                        f"[{r.low:+.2f}, {r.high:+.2f}] | {r.p_better:.3f} | "
+                        f"{' '.join(f'{d:+.1f}' for d in r.per_seed)} | {'yes' if r.separated else 'no'} |")
+    return rows
+
+
 def last_eval(run: Path) -> dict:
     evals = [r for r in read_metrics(run) if r.get("kind") == "eval"]
     return evals[-1] if evals else {}
@@ -235,6 +269,19 @@ def routing_pictures(runs: dict, modes: list[str], manifest: str, out: Path, dev
     return pictures
 
 
+def structure_rows(modes: list[str], out: Path) -> list[str]:
+    """Markdown rows of each mode's routing structure from its ``routing-MODE/routing.json``."""
+    rows = ["| mode | mean run of one expert (frames), per layer | same index, adjacent layers | same in all layers | "
+            "adjacent-layer NMI |", "|---|---|---|---|---|"]
+    for mode in modes:
+        r = json.loads((out / f"routing-{mode}" / "routing.json").read_text())
+        nmi = [r["nmi"][i][i + 1] for i in range(len(r["nmi"]) - 1)]
+        rows.append(f"| {mode} | {' '.join(f'{x:.2f}' for x in r['run_length'])} | "
+                    f"{' '.join(f'{x:.3f}' for x in r['same_adjacent'])} | {r['same_all']:.3f} | "
+                    f"{' '.join(f'{x:.2f}' for x in nmi)} |")
+    return rows
+
+
 def report(out: Path, tests: list[tuple[str, str]], ood: list[str], device: str, cuts_root: str = "") -> str:
     """Evaluate every finished run on every test set and write report.md and the PNGs; return the Markdown."""
     tasks = read_tasks(out)
@@ -245,8 +292,9 @@ def report(out: Path, tests: list[tuple[str, str]], ood: list[str], device: str,
     results = {}
     for name, run in sorted(runs.items()):
         cached = run / "test_results.json"
-        if cached.exists() and set(json.loads(cached.read_text())) == set(sets):
-            results[name] = json.loads(cached.read_text())
+        old = json.loads(cached.read_text()) if cached.exists() else {}
+        if set(old) == set(sets) and all("utterance_errors" in r for r in old.values()):
+            results[name] = old
         else:
             results[name] = evaluate(run, sets, device)
             cached.write_text(json.dumps(results[name], indent=1))
@@ -257,12 +305,19 @@ def report(out: Path, tests: list[tuple[str, str]], ood: list[str], device: str,
              + (f"; not finished, left out: {', '.join(missing)}" if missing else "") + ".",
              f"OOD sets: {', '.join(ood) if ood else 'none given'}. WER and CER in %, mean ± standard deviation "
              "over seeds.", "", *error_table(results, modes, list(sets), ood), "",
-             *relative_change(results, modes, list(sets), ood), "", "Routing at the last evaluation (dev sets):", "",
+             *relative_change(results, modes, list(sets), ood), "",
+             "Paired: per seed the modes share data order and draws; a bootstrap over the test utterances (the same "
+             f"resample for every seed, {RESAMPLES} resamples) gives the interval of the seed-mean difference.", "",
+             *paired_rows(results, modes, list(sets), ood), "", "Routing at the last evaluation (dev sets):", "",
              *routing_rows(runs, modes), "", "![training loss](curves.png) ![routing](routing.png)", ""]
     mapped = next(((name, path) for name, path in tests if path.endswith(".jsonl")), None)  # a manifest
     pictures = routing_pictures(runs, modes, mapped[1], out, device) if mapped else []
     if pictures:
-        lines += [f"One utterance of {mapped[0]}, the expert of every frame (time x MoE layer), first seed of each "
+        lines += [f"Structure on {mapped[0]} (`tools/analyze_routing.py`, first seed of each mode): the mean run of "
+                  "frames that keep one expert in a layer, the share of frames whose expert has the same index in "
+                  "adjacent layers and in all layers (only omni's layers index experts by one router), and the "
+                  "adjacent-layer NMI:", "", *structure_rows([mode for mode, _ in pictures], out), "",
+                  f"One utterance of {mapped[0]}, the expert of every frame (time x MoE layer), first seed of each "
                   "mode:", "",
                   " ".join(f"![{mode}]({picture})" for mode, picture in pictures), ""]
     plots(runs, modes, out)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from trainer.decode import error_rates
+from trainer.decode import error_rates, utterance_errors
 from trainer.export import CheckpointError
 from trainer.inference import Recognizer
 from trainer.sources import DataError, read_test_set, set_name
@@ -27,11 +27,14 @@ def named(value: str) -> tuple[str, str]:
 
 
 def score(recognizer: Recognizer, utts: list, max_frames: Optional[int]) -> dict:
+    """WER, CER and counts of one model on one test set, and each utterance's (word errors, reference words)
+    keyed by its index in ``utts`` (what a paired comparison of two models resamples)."""
     texts = recognizer.transcribe(utts, max_frames)
     refs = [utts[i].text for i in sorted(texts)]
     hyps = [texts[i] for i in sorted(texts)]
     rates = error_rates(refs, hyps) if refs else {"wer": float("nan"), "cer": float("nan")}
-    return {**rates, "utterances": len(texts), "unreadable": len(utts) - len(texts)}
+    return {**rates, "utterances": len(texts), "unreadable": len(utts) - len(texts),
+            "utterance_errors": {str(i): e for i, e in zip(sorted(texts), utterance_errors(refs, hyps))}}
 
 
 def tables(results: dict, sets: list[str]) -> tuple[str, list[list]]:

@@ -22,3 +22,13 @@ def error_rates(refs: list[str], hyps: list[str]) -> dict:
     refs = [normalize(r) for r in refs]
     hyps = [normalize(h) for h in hyps]
     return {"wer": 100.0 * jiwer.wer(refs, hyps), "cer": 100.0 * jiwer.cer(refs, hyps)}
+
+
+def utterance_errors(refs: list[str], hyps: list[str]) -> list[tuple[int, int]]:
+    """Per utterance, (word errors, reference words) on normalised text: their sums give ``error_rates``' WER,
+    and a paired bootstrap resamples them (``tools/paired_bootstrap.py``)."""
+    out = []
+    for ref, hyp in zip(refs, hyps):
+        o = jiwer.process_words(normalize(ref), normalize(hyp))
+        out.append((o.substitutions + o.deletions + o.insertions, o.substitutions + o.deletions + o.hits))
+    return out
