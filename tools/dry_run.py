@@ -54,6 +54,8 @@ META = torch.device("meta")
 aten = torch.ops.aten
 MFU = 0.4  # the step time is quoted at this model FLOPs utilisation
 HEADROOM = 0.9  # of the GPU's memory a run may plan to use: the CUDA context and the allocator's fragmentation
+FRAMES_PER_S = 100  # 10 ms input frames
+TARGETS_PER_S = 4  # sentencepiece pieces per second of speech in the synthetic batch
 CTC_KERNEL_COPIES = 3  # blocking host-to-device copies inside torch's CUDA CTC forward (LossCTC.cu), per call
 
 
@@ -112,19 +114,29 @@ def meta_model(plan: RunPlan, vocab: int, capability):
 
 # -- the batch --------------------------------------------------------------------------------------------
 def longest_batch(project: ProjectConfig, micro_frames: int, seed: int = 0):
-    """(host batch, B, T): B = micro_frames // T utterances of T frames, T the longest the config keeps
-    (``data.max_duration``), through the dataset's own collate, with 4 target pieces per second."""
-    data = project.data
-    dataset = SpeechDataset([], None, data, project.model.n_mels, train=True, seed=seed)
-    T = min(int(data.max_duration * 100), micro_frames)
+    """(dataset, host batch, B, T): the micro-batch of the longest utterances the config keeps
+    (``data.max_duration``), as ``synthetic_batch`` makes it."""
+    data, cfg = project.data, project.model
+    dataset = SpeechDataset([], None, data, cfg.n_mels, train=True, seed=seed)
+    return (dataset, *synthetic_batch(dataset, micro_frames, data.max_duration, data.vocab_size, cfg.frame_stacking,
+                                      seed))
+
+
+def synthetic_batch(train_set, micro_frames: int, utt_seconds: float, vocab: int, stacking: int, seed: int):
+    """A batch as the loader hands it over, in either ``data.features_on`` mode: B utterances of T frames of
+    noise, as many as the micro-batch's padded frames hold (the sampler's packing), made by the dataset itself
+    (``Features.host``, its masks, ``collate``), with random targets of 4 pieces per second. Returns
+    (batch, B, T)."""
+    T = min(max(1, round(utt_seconds * FRAMES_PER_S)), micro_frames)
     B = max(1, micro_frames // T)
-    pieces = max(1, min(T * 4 // 100, T // project.model.frame_stacking // 2))
-    wave = torch.zeros(WINDOW + HOP * (T - 1))
+    g = torch.Generator().manual_seed(seed)
+    n_targets = max(1, min(T * TARGETS_PER_S // FRAMES_PER_S, T // stacking // 2))
     items = []
     for i in range(B):
-        signal, masks = dataset.features.masked(dataset.features.host(wave), i)
-        items.append((signal, torch.ones(pieces, dtype=torch.long), i, masks))
-    return dataset, dataset.collate(items), B, T
+        wave = torch.randn(WINDOW + HOP * (T - 1), generator=g) * 0.1  # exactly T frames
+        x, masks = train_set.features.masked(train_set.features.host(wave), i)
+        items.append((x, torch.randint(1, vocab + 1, (n_targets,), generator=g), i, masks))
+    return train_set.collate(items), B, T
 
 
 # -- the reads --------------------------------------------------------------------------------------------

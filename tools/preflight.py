@@ -48,7 +48,6 @@ from trainer.config import ConfigError, ModelConfig, MoEConfig
 from trainer.data import epoch_batches, loader
 from trainer.datasets import prepare_data
 from trainer.engine import build_engine, build_model, step_loss
-from trainer.features import HOP, WINDOW
 from trainer.host_syncs import count_host_syncs, cuda_syncs
 from trainer.model import moe_blocks
 from trainer.plan import plan_run
@@ -56,10 +55,8 @@ from trainer.routing import train_capacity
 from trainer.sources import DataError
 from trainer.stopping import launcher_chain
 from tools import gpu_specs
-from tools.dry_run import DryRunError, dry_run, sync_budget
+from tools.dry_run import FRAMES_PER_S, DryRunError, dry_run, sync_budget, synthetic_batch
 
-FRAMES_PER_S = 100  # 10 ms input frames
-TARGETS_PER_S = 4  # sentencepiece pieces per second of speech in the synthetic batch
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
@@ -216,23 +213,6 @@ def model_flops(cfg: ModelConfig, moe: MoEConfig, utts: int, frames: int, vocab:
 def peak_tflops(gpu: str, half: bool, given) -> float | None:
     """The device's dense peak for the engine's precision: --peak_tflops, else the table; None if unknown."""
     return given or gpu_specs.peak_tflops(gpu, half)
-
-
-def synthetic_batch(train_set, micro_frames: int, utt_seconds: float, vocab: int, stacking: int, seed: int):
-    """A batch as the loader hands it over, in either ``data.features_on`` mode: B utterances of T frames of
-    noise, as many as the micro-batch's padded frames hold (the sampler's packing), made by the dataset itself
-    (``Features.host``, its masks, ``collate``), with random targets of 4 pieces per second. Returns
-    (batch, B, T)."""
-    T = min(max(1, round(utt_seconds * FRAMES_PER_S)), micro_frames)
-    B = max(1, micro_frames // T)
-    g = torch.Generator().manual_seed(seed)
-    n_targets = max(1, min(T * TARGETS_PER_S // FRAMES_PER_S, T // stacking // 2))
-    items = []
-    for i in range(B):
-        wave = torch.randn(WINDOW + HOP * (T - 1), generator=g) * 0.1  # exactly T frames
-        x, masks = train_set.features.masked(train_set.features.host(wave), i)
-        items.append((x, torch.randint(1, vocab + 1, (n_targets,), generator=g), i, masks))
-    return train_set.collate(items), B, T
 
 
 def forward_backward(engine, plan, train_set, host_batch: dict):
