@@ -150,6 +150,7 @@ class Balanced:
     ep_size: int
 
     def answer(self, callers: list[str], value: torch.Tensor):
+        """The value of the read made under the functions ``callers`` (the stack), or None for an unknown one."""
         if "step_totals" in callers:  # non-finite, stop, last, frames over all ranks
             return [0.0, 0.0, 0.0, float(self.frames * self.world)]
         if "max_frames" in callers:  # the group's largest routed-frame count
