@@ -46,3 +46,13 @@ def test_the_full_set_difference_is_the_corpus_wer_difference_and_utterances_mis
     r = paired_bootstrap([(a, b)], resamples=10)
     expected = error_rates(refs[:2], hyp_a[:2])["wer"] - error_rates(refs[:2], hyp_b[:2])["wer"]
     assert abs(r.difference - expected) < 1e-9
+
+
+def test_the_seed_interval_is_students_t_over_the_per_seed_differences():
+    b = [[5] * 50, [5] * 50, [5] * 50]
+    a = [[4] * 50, [5] * 50, [3] * 50]  # per seed -10, 0, -20 points (10 words each)
+    r = paired_bootstrap([(runs(a), runs(b))], resamples=10)
+    assert r.per_seed == [-10.0, 0.0, -20.0] and abs(r.difference + 10) < 1e-9
+    low, high = r.seed_interval
+    assert abs(low - (-10 - 4.303 * 10 / 3 ** 0.5)) < 1e-9 and abs(high - (-10 + 4.303 * 10 / 3 ** 0.5)) < 1e-9
+    assert paired_bootstrap([(runs(a[:1]), runs(b[:1]))], resamples=10).seed_interval is None

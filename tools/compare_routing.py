@@ -167,19 +167,21 @@ def paired(results: dict, mode: str, other: str, sets: list[str]) -> Paired:
 
 def paired_rows(results: dict, modes: list[str], sets: list[str], ood: list[str]) -> list[str]:
     """Omni against each other mode, per set and on the OOD average: the WER difference in points (negative:
-    omni better), its 95% interval from the paired bootstrap over utterances and seeds, the probability that
-    omni is better, each seed's difference, and "separated" only where the interval excludes zero."""
+    omni better), its 95% interval from the paired bootstrap over utterances (pooled over seeds), the
+    probability that omni is better, each seed's difference, "separated" only where that interval excludes
+    zero, and the t-interval over the seeds' differences (how much a new seed would move the mean)."""
     if "omni" not in modes:
         return []
     rows = ["| omni vs | set | WER difference (points) | relative | 95% interval | P(omni better) | per seed | "
-            "separated |", "|---|---|---|---|---|---|---|---|"]
+            "separated | over seeds (t, 95%) |", "|---|---|---|---|---|---|---|---|---|"]
     columns = [(name, [name]) for name in sets] + ([("OOD average", ood)] if ood else [])
     for other in [m for m in ("switch", "dense") if m in modes]:
         for name, members in columns:
             r = paired(results, "omni", other, members)
             rows.append(f"| {other} | {name} | {r.difference:+.2f} | {100 * r.relative:+.1f}% | "
                         f"[{r.low:+.2f}, {r.high:+.2f}] | {r.p_better:.3f} | "
-                        f"{' '.join(f'{d:+.1f}' for d in r.per_seed)} | {'yes' if r.separated else 'no'} |")
+                        f"{' '.join(f'{d:+.1f}' for d in r.per_seed)} | {'yes' if r.separated else 'no'} | "
+                        + (f"[{r.seed_interval[0]:+.2f}, {r.seed_interval[1]:+.2f}] |" if r.seed_interval else "- |"))
     return rows
 
 
@@ -307,7 +309,8 @@ def report(out: Path, tests: list[tuple[str, str]], ood: list[str], device: str,
              "over seeds.", "", *error_table(results, modes, list(sets), ood), "",
              *relative_change(results, modes, list(sets), ood), "",
              "Paired: per seed the modes share data order and draws; a bootstrap over the test utterances (the same "
-             f"resample for every seed, {RESAMPLES} resamples) gives the interval of the seed-mean difference.", "",
+             f"resample for every seed, {RESAMPLES} resamples) gives the interval of the seed-mean difference; the "
+             "last column is the t-interval over the seeds' differences.", "",
              *paired_rows(results, modes, list(sets), ood), "", "Routing at the last evaluation (dev sets):", "",
              *routing_rows(runs, modes), "", "![training loss](curves.png) ![routing](routing.png)", ""]
     mapped = next(((name, path) for name, path in tests if path.endswith(".jsonl")), None)  # a manifest

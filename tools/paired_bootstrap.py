@@ -4,9 +4,11 @@ Bisani and Ney's bootstrap for ASR ("Bootstrap estimates for confidence interval
 evaluation", ICASSP 2004): resample the test utterances with replacement and recompute both systems' WER on the
 same resample; the spread of the difference over resamples is its uncertainty from the choice of utterances.
 Here A and B come in seed pairs (per seed the two modes see the same data order and draws), so each resample
-is drawn once and used for every seed, and the difference on it is the mean over seeds of A's WER minus B's:
-the seeds' spread and the utterances' spread both enter the interval. Over several test sets (an out-of-domain
-average) each set is resampled on its own and the per-set differences are averaged, as the average WER is.
+is drawn once and used for every seed, and the difference on it is the mean over seeds of A's WER minus B's.
+That interval is the uncertainty from the test utterances of the mean over these trained seeds; how much a
+new seed would move it is the seeds' own spread, given beside it as a t-interval over the per-seed differences
+(``seed_low``, ``seed_high``). Over several test sets (an out-of-domain average) each set is resampled on its
+own and the per-set differences are averaged, as the average WER is.
 
 Input, per set: ``errors[system][seed]`` = {utterance key: (word errors, reference words)}; keys present in
 every run are paired (an utterance unreadable in one run is left out of all).
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 RESAMPLES = 2000
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]  # Student's t, 1..10 dof
 
 
 @dataclass
@@ -27,6 +30,15 @@ class Paired:
     p_better: float  # share of resamples where A's WER is lower
     per_seed: list  # the full-set difference of each seed (mean over sets)
     relative: float  # difference / B's WER, on the full sets
+
+    @property
+    def seed_interval(self) -> tuple:
+        """The 95% t-interval of the mean of the per-seed differences (None with one seed)."""
+        n = len(self.per_seed)
+        if n < 2:
+            return None
+        half = T_975[min(n - 1, len(T_975)) - 1] * float(np.std(self.per_seed, ddof=1)) / n ** 0.5
+        return self.difference - half, self.difference + half
 
     @property
     def separated(self) -> bool:
