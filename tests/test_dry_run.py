@@ -99,9 +99,7 @@ def _memory_of_a_step(config: str) -> tuple[float, float]:
                        attention=nullcontext)
     cpu = plan_run(ds, project, 0, 1, torch.device("cpu"))
     model = build_model(cpu, project.data.vocab_size)
-    for block in model.blocks:
-        if hasattr(block.ffn, "moe"):
-            block.ffn.moe.set_deepspeed_parallelism()
+    dr.join_expert_groups(model)
     with sdpa_kernel(SDPBackend.MATH):
         dr.micro_batch(model, cpu, dataset, host_batch)
         tracker = MemTracker()

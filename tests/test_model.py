@@ -183,7 +183,7 @@ def test_the_aligned_head_gives_the_same_log_probs_and_gradients_and_keeps_the_p
     for aligned in (False, True):
         model = CTCModel(p.model, p.moe, VOCAB)
         fill_weights(model)
-        model.aligned_head = aligned
+        model.use_cuda_kernels((8, 0) if aligned else None, torch.float32)
         b = batch(5)
         out = model(b["feats"], b["lengths"])
         out.log_probs.mul(torch.linspace(-1, 1, out.log_probs.numel()).view_as(out.log_probs)).sum().backward()

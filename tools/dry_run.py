@@ -103,13 +103,16 @@ def meta_model(plan: RunPlan, vocab: int, capability):
     with META:
         model = build_model(plan, vocab)
     model.to(plan.dtype)
-    cfg = plan.project.model
-    model.use_grouped_mm(grouped_mm_fast(capability, plan.dtype, cfg.d_model, cfg.ffn_dim))
-    model.aligned_head = True  # as on CUDA
+    model.use_cuda_kernels(capability, plan.dtype)
+    join_expert_groups(model)
+    return model.train()
+
+
+def join_expert_groups(model):
+    """Each MoE layer joined to its expert-parallel group, as ``deepspeed.initialize`` joins them."""
     for block in model.blocks:
         if isinstance(block.ffn, MoEFeedForward):
             block.ffn.moe.set_deepspeed_parallelism()
-    return model.train()
 
 
 # -- the batch --------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import torch
 
 from trainer import objective
 from trainer.deepspeed_contract import install_checkpoint_engine
-from trainer.experts import grouped_mm_fast
 from trainer.model import CTCModel, ModelOutput
 from trainer.plan import RunPlan
 
@@ -20,8 +19,7 @@ def build_model(plan: RunPlan, vocab_size: int) -> CTCModel:
     torch.manual_seed(seed)
     model = CTCModel(project.model, project.moe, vocab_size, plan.ep_size, plan.ep_rank, seed)
     capability = torch.cuda.get_device_capability(plan.device) if plan.device.type == "cuda" else None
-    model.use_grouped_mm(grouped_mm_fast(capability, plan.dtype, project.model.d_model, project.model.ffn_dim))
-    model.aligned_head = plan.device.type == "cuda"
+    model.use_cuda_kernels(capability, plan.dtype)
     torch.manual_seed(seed + 1000003 * (plan.rank + 1))  # CPU and accelerator streams, per rank
     return model
 

@@ -39,7 +39,7 @@ class GroupedExperts(Experts):
         self.b2 = nn.Parameter(torch.empty(n, d_model))
         for p in self.parameters():  # what Experts marks: reduced over the expert-data-parallel group only
             p.allreduce, p.group_name = False, expert_group_name
-        self.grouped_mm = False  # set by ``use_grouped_mm`` where the device has the fast kernel
+        self.grouped_mm = False  # set by ``CTCModel.use_cuda_kernels`` where the device has the fast kernel
         self.register_state_dict_post_hook(_per_expert_state)
         self.register_load_state_dict_pre_hook(_stacked_state)
 

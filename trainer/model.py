@@ -16,7 +16,7 @@ from deepspeed.moe.layer import MoE
 from trainer import distributed
 from trainer.config import ModelConfig, MoEConfig
 from trainer.deepspeed_contract import gate_of, install_experts, install_gate, local_experts
-from trainer.experts import GroupedExperts, dropless_moe
+from trainer.experts import GroupedExperts, dropless_moe, grouped_mm_fast
 from trainer.routing import RouteCall, RouterGate, RoutingStats
 
 BLANK = 0
@@ -177,7 +177,7 @@ class CTCModel(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.ln_out = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, vocab_size + 1)  # + blank
-        self.aligned_head = False  # set by ``trainer.engine.build_model`` on CUDA: see ``logits``
+        self.aligned_head = False  # on CUDA (``use_cuda_kernels``): see ``logits``
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[..., D] -> [..., V+1]. With ``aligned_head`` the GEMM runs on the weight padded with zero rows to a
@@ -190,11 +190,15 @@ class CTCModel(nn.Module):
         pad = (-n) % 8
         return F.linear(h, F.pad(self.head.weight, (0, 0, 0, pad)), F.pad(self.head.bias, (0, pad)))[..., :n]
 
-    def use_grouped_mm(self, on: bool):
-        """Every MoE layer's expert path: ``grouped_mm`` (where ``experts.grouped_mm_fast``) or a matmul per expert."""
+    def use_cuda_kernels(self, capability, dtype: torch.dtype):
+        """The kernels for a CUDA device of this ``capability`` (None: not CUDA) and engine ``dtype``: each MoE
+        layer's ``grouped_mm`` where ``experts.grouped_mm_fast`` (else a matmul per expert), and the aligned
+        output GEMM on any CUDA device."""
+        grouped = grouped_mm_fast(capability, dtype, self.cfg.d_model, self.cfg.ffn_dim)
         for block in self.blocks:
             if isinstance(block.ffn, MoEFeedForward):
-                local_experts(block.ffn.moe).grouped_mm = on
+                local_experts(block.ffn.moe).grouped_mm = grouped
+        self.aligned_head = capability is not None
 
     def routers(self) -> list:
         """Distinct router modules: one for omni, one per MoE layer for switch, none for dense."""
