@@ -4,7 +4,7 @@
 #
 #   srun [flags] bash slurm/task.sh .venv/bin/python trainer/main.py ...      # what slurm/train.sh runs
 #
-# The trainer picks its GPU from LOCAL_RANK and CUDA_VISIBLE_DEVICES (trainer/placement.py, device_index):
+# The trainer picks its GPU from LOCAL_RANK and CUDA_VISIBLE_DEVICES (trainer/runtime/placement.py, device_index):
 # device LOCAL_RANK when the task sees all of the node's GPUs, device 0 when it sees one of its own
 # (srun --gpus-per-task=1, or a site's --gpu-bind).
 

@@ -10,7 +10,7 @@ from tools.fault_drill import tiny_config
 from tools.launching import ROOT, launch
 
 from trainer.config import DataConfig, ModelConfig, MoEConfig, ProjectConfig
-from trainer.experts import PER_EXPERT_KEYS
+from trainer.model.experts import PER_EXPERT_KEYS
 from trainer.plan import RunPlan, plan_run
 
 __all__ = ["launch", "tiny_config"]  # the tests' launches and tiny run config are the fault drill's
@@ -19,7 +19,7 @@ VOCAB = 20
 
 def tiny_project(mode="omni", k=1, drop_tokens=False, layers=3, accumulation=1, **moe) -> ProjectConfig:
     """A tiny model; ``accumulation`` micro-batches per optimizer step on every rank, whatever the world."""
-    import trainer.distributed as distributed
+    import trainer.runtime.distributed as distributed
     frames = 1000 * accumulation * distributed.world()
     return ProjectConfig(model=ModelConfig(n_mels=8, frame_stacking=2, d_model=16, num_layers=layers, num_heads=2,
                                            ffn_dim=24, dropout=0.0),
@@ -36,7 +36,7 @@ def ds_dict(stage=1, lr=1e-3) -> dict:
 
 def tiny_plan(project: ProjectConfig, ds: dict = None) -> RunPlan:
     """This rank's plan of a test run (``ds``: DeepSpeed's keys, ``ds_dict()`` unless given)."""
-    import trainer.distributed as distributed
+    import trainer.runtime.distributed as distributed
     return plan_run(ds or ds_dict(), project, distributed.rank(), distributed.world(), distributed.device())
 
 

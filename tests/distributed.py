@@ -13,7 +13,7 @@ def _entry(rank, fn, world, port, out_dir, args):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    from trainer import distributed
+    from trainer.runtime import distributed
     distributed.init()
     torch.save(fn(*args), os.path.join(out_dir, f"rank{rank}.pt"))
     distributed.barrier()

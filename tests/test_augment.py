@@ -1,4 +1,4 @@
-"""Waveform augmentation of training utterances (``data.augment``, trainer.augment): each effect on its share,
+"""Waveform augmentation of training utterances (``data.augment``, trainer.data.augment): each effect on its share,
 every draw a function of (seed, epoch, utterance), dev sets untouched."""
 import math
 
@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from tests.test_effects import band_share, tone
-from trainer import effects
-from trainer.augment import WaveAugment
+from trainer.data import effects
+from trainer.data.augment import WaveAugment
 from trainer.config import AugmentConfig, DataConfig
-from trainer.data import SpeechDataset
-from trainer.sources import read_manifest
-from trainer.text import Tokenizer
+from trainer.data.batches import SpeechDataset
+from trainer.data.sources import read_manifest
+from trainer.data.text import Tokenizer
 
 EVERYTHING = AugmentConfig(noise_prob=1.0, reverb_prob=1.0, telephone_prob=1.0)
 

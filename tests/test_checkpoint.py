@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trainer import checkpoint
-from trainer.text import Tokenizer
+from trainer.data.text import Tokenizer
 
 TEXTS = [f"the {w} sat on the mat with a {v}" for w in ("cat", "dog", "bird", "fish") for v in ("hat", "bat", "cap")]
 

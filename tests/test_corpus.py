@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.audio import SAMPLE_RATE, load_audio
-from trainer.corpus import (CHANGED, EDGE_S, OOD_SUITE, SPLITS, TRAIN_VARIANTS, TRAIN_VOICES, UNSEEN_ACCENTS,
+from trainer.data.audio import SAMPLE_RATE, load_audio
+from trainer.data.corpus import (CHANGED, EDGE_S, OOD_SUITE, SPLITS, TRAIN_VARIANTS, TRAIN_VOICES, UNSEEN_ACCENTS,
                            UNSEEN_VARIANTS, _voice_of, build_corpus, trim_silence, wordnet_phrases,
                            wordnet_sentences, within, word_list)
 

@@ -14,11 +14,11 @@ from tools.make_cuts import make_cuts
 from tools.make_shards import make_shards
 from tools.prepare_librispeech import main as prepare_librispeech
 from trainer.config import DataConfig, HFSource
-from trainer.data import (STAND_IN_FRAMES, ShardSet, SpeechDataset, epoch_batches, length_batches, loader,
+from trainer.data.batches import (STAND_IN_FRAMES, ShardSet, SpeechDataset, epoch_batches, length_batches, loader,
                           padding_fraction, shard, tokenizer_sample, train_batches)
-from trainer.audio import load_audio
-from trainer.sources import DataError, load_utterance, read_cuts, read_manifest, read_shards, read_sources, tar_index
-from trainer.text import Tokenizer
+from trainer.data.audio import load_audio
+from trainer.data.sources import DataError, load_utterance, read_cuts, read_manifest, read_shards, read_sources, tar_index
+from trainer.data.text import Tokenizer
 
 
 def tone(seconds=1.0, rate=16000, channels=1):
@@ -352,7 +352,7 @@ def test_tokenizer_tool_and_workers_give_the_same_batches(tmp_path, corpus):
     utts, _ = read_manifest(str(corpus / "dev.jsonl"), 20.0)
     ds = SpeechDataset(utts, tok, DataConfig(cache_features=False), 80, train=False)
     batches = length_batches(utts, 3000)
-    from trainer.data import loader
+    from trainer.data.batches import loader
     serial = [b["feats"] for b in loader(ds, batches, 0)]
     parallel = [b["feats"] for b in loader(ds, batches, 2)]
     assert all(torch.equal(a, b) for a, b in zip(serial, parallel)) and len(serial) == len(parallel)

@@ -1,13 +1,13 @@
-"""The waveform effects of the out-of-domain suite (trainer.effects), each on a signal whose answer is known."""
+"""The waveform effects of the out-of-domain suite (trainer.data.effects), each on a signal whose answer is known."""
 import math
 
 import pytest
 import torch
 import torchaudio
 
-from trainer import effects
-from trainer.audio import SAMPLE_RATE
-from trainer.features import speed_perturb
+from trainer.data import effects
+from trainer.data.audio import SAMPLE_RATE
+from trainer.data.features import speed_perturb
 
 SECOND = torch.arange(SAMPLE_RATE) / SAMPLE_RATE
 

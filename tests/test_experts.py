@@ -5,8 +5,8 @@ import torch
 from deepspeed.moe.experts import Experts
 
 from tests.common import VOCAB, batch, fill_weights, tiny_project
-from trainer.experts import GroupedExperts, dropless_moe, expert_ffn
-from trainer.model import CTCModel, feed_forward
+from trainer.model.experts import GroupedExperts, dropless_moe, expert_ffn
+from trainer.model.ctc import CTCModel, feed_forward
 
 
 def experts_and_modules(n: int, d: int = 16, f: int = 24, seed: int = 0):
@@ -145,7 +145,7 @@ def test_an_expert_with_no_rows_gets_zero_gradients_on_every_path(grouped_mm, dt
 def test_the_gradient_of_an_empty_experts_weights_is_zeroed_whatever_the_kernel_wrote():
     """SM100's grouped GEMM writes non-zero weight gradients for empty groups (pytorch issue 172439): the
     grouped path passes its weights through a mask whose backward zeroes them."""
-    from trainer.experts import _zero_grad_where_empty
+    from trainer.model.experts import _zero_grad_where_empty
     w = torch.randn(3, 4, 5, requires_grad=True)
     _zero_grad_where_empty(w, torch.tensor([True, False, True])).backward(torch.full((3, 4, 5), 7.0))
     assert torch.equal(w.grad[1], torch.zeros(4, 5)) and torch.equal(w.grad[[0, 2]], torch.full((2, 4, 5), 7.0))
@@ -153,7 +153,7 @@ def test_the_gradient_of_an_empty_experts_weights_is_zeroed_whatever_the_kernel_
 
 def test_grouped_mm_is_chosen_only_where_torch_has_its_fast_kernel():
     """torch 2.11's grouped GEMM kernel is for SM 9.x and 10.x; on SM 8.x it loops with a host sync per call."""
-    from trainer.experts import grouped_mm_fast
+    from trainer.model.experts import grouped_mm_fast
     bf16 = torch.bfloat16
     assert grouped_mm_fast((9, 0), bf16, 768, 3072) and grouped_mm_fast((10, 0), bf16, 768, 3072)
     for capability in ((8, 0), (8, 6), (8, 9), (12, 0), None):
@@ -164,6 +164,6 @@ def test_grouped_mm_is_chosen_only_where_torch_has_its_fast_kernel():
 def test_the_model_built_for_a_cpu_run_uses_one_matmul_per_expert():
     from tests.common import tiny_plan
     from trainer.engine import build_model
-    from trainer.deepspeed_contract import local_experts
+    from trainer.runtime.deepspeed_contract import local_experts
     model = build_model(tiny_plan(tiny_project("omni")), VOCAB)
     assert [local_experts(b.ffn.moe).grouped_mm for b in model.blocks] == [False] * 3

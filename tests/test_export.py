@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from tests.common import batch, ds_dict, tiny_plan
 from tests.distributed import run_ranks
 from tests.common import launch, run_tool as tool, tiny_config
-from trainer.deepspeed_contract import MODEL_STATES
+from trainer.runtime.deepspeed_contract import MODEL_STATES
 from trainer.config import ProjectConfig
 from trainer.engine import build_engine, build_model
 from trainer.export import load_consolidated

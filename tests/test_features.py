@@ -6,10 +6,10 @@ import torchaudio
 
 from tools.compute_cmvn import main as compute_cmvn
 from trainer.config import DataConfig, SpecAugmentConfig
-from trainer.data import SpeechDataset
-from trainer.features import SpecAugment, frame_count
-from trainer.sources import read_manifest
-from trainer.text import Tokenizer
+from trainer.data.batches import SpeechDataset
+from trainer.data.features import SpecAugment, frame_count
+from trainer.data.sources import read_manifest
+from trainer.data.text import Tokenizer
 
 TOLERANCE = 1e-3  # max abs difference of normalised features; measured on this CPU: 1.5e-6 (per utterance), 0
 MASKS = {"freq_masks": 2, "time_masks": 4}

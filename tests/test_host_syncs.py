@@ -1,10 +1,10 @@
-"""Host syncs of a training step, counted on CPU ranks as a GPU step would make them (trainer.host_syncs)."""
+"""Host syncs of a training step, counted on CPU ranks as a GPU step would make them (trainer.runtime.host_syncs)."""
 import pytest
 import torch
 
 from tests.common import VOCAB, batch, tiny_plan
 from tests.distributed import run_ranks
-from trainer.host_syncs import count_host_syncs
+from trainer.runtime.host_syncs import count_host_syncs
 
 
 def test_the_counter_sees_each_kind_of_host_read_and_nothing_else():
@@ -54,7 +54,7 @@ def _step_syncs(k: int) -> dict:
     capacity mode (dropping) and dropless mode, on this rank: {mode: (train events, eval events, MoE layers)}."""
     from trainer.config import load_config, with_overrides
     from trainer.engine import build_engine, build_model, forward, step_loss
-    from trainer import distributed
+    from trainer.runtime import distributed
     ds, shipped = load_config("ds_configs/omni.json")
     out = {}
     for dropless in (False, True):

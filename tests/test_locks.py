@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.common import ROOT
-from trainer import locks
+from trainer.runtime import locks
 
 pytestmark = pytest.mark.slow  # a holder process (a plain Python one, under a second)
 
@@ -21,7 +21,7 @@ HOLDER = """import errno, fcntl, sys, time
 def no_flock(*args):
     raise OSError(errno.ENOLCK, "No locks available")
 fcntl.flock = no_flock
-from trainer import locks
+from trainer.runtime import locks
 lock = locks.acquire(sys.argv[1], heartbeat_s=float(sys.argv[2]))
 print("held", lock.kind, flush=True)
 sys.stdin.readline()

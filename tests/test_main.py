@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from tests.common import ROOT, launch, run_tool, tiny_config
-from trainer.deepspeed_contract import MODEL_STATES
+from trainer.runtime.deepspeed_contract import MODEL_STATES
 from tools.make_cuts import make_cuts
 from tools.make_shards import make_shards
-from trainer.data import ShardSet
-from trainer.sources import read_manifest
+from trainer.data.batches import ShardSet
+from trainer.data.sources import read_manifest
 from tools.fault_drill import bad_manifest
 
 pytestmark = pytest.mark.slow

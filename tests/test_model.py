@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from tests.common import VOCAB, batch, fill_weights, queued_gpu_seed, tiny_project, union
-from trainer import objective
-from trainer.deepspeed_contract import local_experts
-from trainer.model import CTCModel, cape_positions
+from trainer.model import objective
+from trainer.runtime.deepspeed_contract import local_experts
+from trainer.model.ctc import CTCModel, cape_positions
 
 
 def build(mode, k=1, **kw):

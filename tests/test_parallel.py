@@ -6,7 +6,7 @@ import torch.distributed as dist
 from tests.common import VOCAB, batch, ds_dict, fill_weights, per_expert, tiny_plan, tiny_project, union
 from tests.distributed import run_ranks
 from trainer.config import load_config
-from trainer.data import STAND_IN_FRAMES
+from trainer.data.batches import STAND_IN_FRAMES
 from trainer.engine import build_engine, build_model, step_loss
 
 
@@ -152,7 +152,7 @@ def _prepare_with_one_training_row(corpus: str, out: str) -> str:
     from pathlib import Path
     from trainer.config import DataConfig, ProjectConfig, RunConfig
     from trainer.datasets import prepare_data
-    from trainer.sources import DataError
+    from trainer.data.sources import DataError
     one = Path(out) / "one.jsonl"
     row = Path(f"{corpus}/train.jsonl").read_text().splitlines()[0].replace('"audio_filepath": "',
                                                                             f'"audio_filepath": "{corpus}/')

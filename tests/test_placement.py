@@ -1,8 +1,8 @@
-"""Which accelerator a rank takes on its node (``trainer.placement.device_index``); the same rule through a real
+"""Which accelerator a rank takes on its node (``trainer.runtime.placement.device_index``); the same rule through a real
 SLURM cluster is in tests/test_slurm.py."""
 import pytest
 
-from trainer.placement import device_index
+from trainer.runtime.placement import device_index
 
 
 def test_a_rank_takes_its_local_rank_among_all_visible_gpus_and_the_only_one_it_sees():

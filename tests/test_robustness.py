@@ -194,7 +194,8 @@ def _resume_after_damage_with_a_late_rank_0(out_dir: str) -> dict:
     resume 4 s late, as when it hashes a share of a large checkpoint while rank 1 waits."""
     import time
     from pathlib import Path
-    from trainer import checkpoint, distributed
+    from trainer import checkpoint
+    from trainer.runtime import distributed
     plan = tiny_plan(with_overrides(tiny_project("omni"), {"run.output_dir": out_dir}), ds_dict(stage=1))
     engine = build_engine(plan, build_model(plan, VOCAB))
     trainer = Trainer(engine, plan, None, {}, None)
@@ -234,7 +235,7 @@ def test_each_rank_verifies_the_files_it_loads_under_the_checkpoint_timeout(tmp_
 
 REPEATED_SIGTERM = """
 import os, signal, time
-from trainer.stopping import REPEAT_S, StopSignal
+from trainer.runtime.stopping import REPEAT_S, StopSignal
 stop = StopSignal(grace_s=60)
 os.kill(os.getpid(), signal.SIGTERM)
 os.kill(os.getpid(), signal.SIGTERM)  # at once, as SLURM sends it at a time limit or a preemption without grace

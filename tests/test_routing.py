@@ -5,7 +5,7 @@ import pytest
 import torch
 from deepspeed.moe.sharded_moe import top1gating, top2gating
 
-from trainer.routing import (RoutingStats, assign_slots, choose_experts, chosen_probs, gate_values, route,
+from trainer.model.routing import (RoutingStats, assign_slots, choose_experts, chosen_probs, gate_values, route,
                              router_probs, train_capacity)
 
 

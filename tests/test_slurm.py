@@ -61,9 +61,9 @@ e = os.environ
 said = {k: e.get(k, "-") for k in ("RANK", "LOCAL_RANK", "LOCAL_SIZE", "WORLD_SIZE", "SLURMD_NODENAME",
                                    "CUDA_VISIBLE_DEVICES", "SLURM_CPUS_PER_TASK", "MASTER_ADDR", "NCCL_SOCKET_IFNAME",
                                    "TORCH_NCCL_ASYNC_ERROR_HANDLING", "SLURM_RESTART_COUNT")}
-if not e.get("PROBE_WAIT"):  # the trainer's rule (trainer.placement imports no torch)
+if not e.get("PROBE_WAIT"):  # the trainer's rule (trainer.runtime.placement imports no torch)
     sys.path.insert(0, os.getcwd())
-    from trainer.placement import device_index
+    from trainer.runtime.placement import device_index
     said["device"] = device_index(int(e["LOCAL_RANK"]), e.get("CUDA_VISIBLE_DEVICES", ""))
 got = []
 for s in (signal.SIGTERM, signal.SIGUSR1):

@@ -80,7 +80,7 @@ def test_a_planned_comparison_gives_every_run_its_own_tensorboard_folder(tmp_pat
 
 def test_the_ood_average_is_the_suites_sets_by_default_and_the_sets_named_ood_otherwise():
     from tools.compare_routing import default_tests, ood_sets
-    from trainer.corpus import OOD_SUITE
+    from trainer.data.corpus import OOD_SUITE
     defaults = default_tests("ds_configs/omni.json")
     assert "test_ood" in dict(defaults) and ood_sets(defaults, defaults=True) == list(OOD_SUITE)
     given = [("clean", "c.jsonl"), ("other_ood", "o.jsonl")]

@@ -24,7 +24,7 @@ from pathlib import Path
 from statistics import median
 
 from tools.make_shards import make_shards
-from trainer.sources import read_manifest
+from trainer.data.sources import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"model.n_mels": 80, "model.frame_stacking": 4, "model.d_model": 32, "model.num_layers": 2,

@@ -39,10 +39,10 @@ from tools.evaluate import named, score  # noqa: E402
 from tools.paired_bootstrap import RESAMPLES, Paired, paired_bootstrap  # noqa: E402
 from tools.plot_runs import read_metrics  # noqa: E402
 from trainer.config import SECTION, ConfigError, load_config  # noqa: E402
-from trainer.corpus import OOD_SUITE  # noqa: E402
+from trainer.data.corpus import OOD_SUITE  # noqa: E402
 from trainer.export import consolidate  # noqa: E402
 from trainer.inference import Recognizer  # noqa: E402
-from trainer.sources import read_test_set  # noqa: E402
+from trainer.data.sources import read_test_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("dense", "switch", "omni")
@@ -331,7 +331,7 @@ def report(out: Path, tests: list[tuple[str, str]], ood: list[str], device: str,
 
 def default_tests(config: str) -> list[tuple[str, str]]:
     """The embedded corpus's held-out sets: test (in-domain), test_ood (other voices and text) and the
-    out-of-domain suite (``trainer.corpus.OOD_SUITE``: one condition changed in each)."""
+    out-of-domain suite (``trainer.data.corpus.OOD_SUITE``: one condition changed in each)."""
     _, project = load_config(config)
     corpus = Path(project.data.corpus_dir).expanduser()
     return [(name, str(corpus / f"{name}.jsonl")) for name in ("test", "test_ood", *OOD_SUITE)]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from trainer.audio import load_audio
-from trainer.features import log_mel
-from trainer.sources import DataError, read_sources
+from trainer.data.audio import load_audio
+from trainer.data.features import log_mel
+from trainer.data.sources import DataError, read_sources
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from trainer.export import CheckpointError, consolidate, to_deepspeed
-from trainer.integrity import UnsafeFile
+from trainer.runtime.integrity import UnsafeFile
 
 
 def main(argv=None) -> int:

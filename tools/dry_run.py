@@ -17,7 +17,7 @@ Each figure and where it comes from:
   for the configured ZeRO stage, precision and N (``model_states``), not measured;
 - FLOPs per optimizer step: ``FlopCounterMode`` over one micro-batch, times the accumulation; the step time
   at 40% MFU of the GPU's dense peak (``tools/gpu_specs.py``);
-- host syncs and host-to-device copies of one micro-batch, with file:line: ``trainer.host_syncs`` on the meta
+- host syncs and host-to-device copies of one micro-batch, with file:line: ``trainer.runtime.host_syncs`` on the meta
   device. Reads of meta tensors have no value; ``BalancedReads`` answers them as a step whose routes spread
   evenly would, and refuses any read it does not know (a new sync is an error until it is named here).
   Copies made inside CUDA kernels are not visible on meta: torch's CTC copies the lengths and target offsets
@@ -38,15 +38,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from tools.gpu_specs import ALIASES, GPU, GPUS, lookup
-from trainer import distributed
+from trainer.runtime import distributed
 from trainer.config import ProjectConfig
-from trainer.data import SpeechDataset
-from trainer.deepspeed_contract import skip_shm_comm_build
+from trainer.data.batches import SpeechDataset
+from trainer.runtime.deepspeed_contract import skip_shm_comm_build
 from trainer.engine import build_model, step_loss
-from trainer.experts import grouped_mm_fast
-from trainer.features import HOP, WINDOW
-from trainer.host_syncs import SyncLog, count_host_syncs
-from trainer.model import MoEFeedForward, moe_blocks
+from trainer.model.experts import grouped_mm_fast
+from trainer.data.features import HOP, WINDOW
+from trainer.runtime.host_syncs import SyncLog, count_host_syncs
+from trainer.model.ctc import MoEFeedForward, moe_blocks
 from trainer.plan import RunPlan, plan_run
 
 ROOT = Path(__file__).resolve().parents[1]

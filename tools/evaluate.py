@@ -17,7 +17,7 @@ from typing import Optional
 from trainer.decode import error_rates, utterance_errors
 from trainer.export import CheckpointError
 from trainer.inference import Recognizer
-from trainer.sources import DataError, read_test_set, set_name
+from trainer.data.sources import DataError, read_test_set, set_name
 
 
 def named(value: str) -> tuple[str, str]:

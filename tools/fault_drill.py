@@ -29,9 +29,10 @@ import psutil
 import soundfile as sf
 import torch
 
-from trainer import checkpoint, integrity, locks
-from trainer.locks import OUTPUT_LOCK as LOCK
-from trainer.deepspeed_contract import EXPERT_FILE, MODEL_STATES
+from trainer import checkpoint
+from trainer.runtime import integrity, locks
+from trainer.runtime.locks import OUTPUT_LOCK as LOCK
+from trainer.runtime.deepspeed_contract import EXPERT_FILE, MODEL_STATES
 from tools.launching import ROOT, command, launch
 
 LONG = 400  # max_steps of a run that is stopped on purpose
@@ -39,7 +40,8 @@ LONG = 400  # max_steps of a run that is stopped on purpose
 # takes as long as we like, so a fault can land inside it.
 SLOW_SAVE = """import os, sys, time
 sys.path.insert(0, {root!r})
-from trainer import checkpoint, distributed, run
+from trainer import checkpoint, run
+from trainer.runtime import distributed
 publish, calls = checkpoint.publish, []
 def slow(*args):
     calls.append(1)
@@ -57,7 +59,8 @@ sys.path.insert(0, {root!r})
 def no_flock(*args):
     raise OSError(errno.ENOLCK, "No locks available")
 fcntl.flock = no_flock
-from trainer import distributed, run
+from trainer.runtime import distributed
+from trainer import run
 distributed.end_process(run.main())
 """
 
@@ -153,7 +156,7 @@ class Drill:
         self.work = Path(work)
         self.work.mkdir(parents=True, exist_ok=True)
         if corpus is None:
-            from trainer.corpus import build_corpus
+            from trainer.data.corpus import build_corpus
             corpus = self.work / "corpus"
             build_corpus(str(corpus), 60, seed=1234)  # data.corpus_seed's default: the trainer reuses it
         self.corpus = Path(corpus)

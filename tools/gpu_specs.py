@@ -2,7 +2,7 @@
 
 Dense (not sparse) peak TFLOP/s in bf16 (fp16 for the V100, which has no bf16) and in plain fp32 (no TF32,
 PyTorch's matmul default), the nominal memory in GiB (the driver and ECC keep a little of it), and the CUDA
-capability (which kernels torch has for it: ``trainer.experts.grouped_mm_fast``). Figures are
+capability (which kernels torch has for it: ``trainer.model.experts.grouped_mm_fast``). Figures are
 NVIDIA's data-sheet numbers for each form factor: an SXM board and its PCIe or NVL sibling share a chip name
 but not clocks or power, so they are separate rows.
 """

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from trainer.audio import SAMPLE_RATE, load_audio
-from trainer.sources import read_manifest, set_name
+from trainer.data.audio import SAMPLE_RATE, load_audio
+from trainer.data.sources import read_manifest, set_name
 
 GAP = 0.25  # seconds of silence between joined utterances
 

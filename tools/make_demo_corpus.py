@@ -3,14 +3,14 @@
     python tools/make_demo_corpus.py --out ~/.cache/omni-router/demo-corpus
 
 Writes train/dev/test/test_ood manifests, those of the out-of-domain suite (ood_*: one condition changed each,
-``trainer.corpus``) and 16 kHz FLAC. The trainer builds the same corpus on first use
+``trainer.data.corpus``) and 16 kHz FLAC. The trainer builds the same corpus on first use
 from the config's data section; this tool builds one ahead of time or a larger one (its defaults are the
 shipped configs' values, so the main job reuses what it builds).
 """
 import argparse
 import sys
 
-from trainer.corpus import build_corpus
+from trainer.data.corpus import build_corpus
 
 
 def main(argv=None) -> int:

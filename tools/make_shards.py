@@ -17,9 +17,9 @@ from pathlib import Path
 
 import soundfile as sf
 
-from trainer.audio import SAMPLE_RATE
+from trainer.data.audio import SAMPLE_RATE
 from trainer.config import HFSource
-from trainer.sources import DataError, load_utterance, read_sources
+from trainer.data.sources import DataError, load_utterance, read_sources
 
 
 def make_shards(utts: list, out: str, shard_size: int = 1000) -> tuple[list[Path], list[str]]:

@@ -22,7 +22,7 @@ the same model and DeepSpeed engine. Rank 0 prints:
 3. the step: optimizer steps of the configured model at the configured batch on a synthetic batch (utterances
    of --utt_seconds of noise through the dataset's own feature path, random targets), as ``Trainer.train_step``
    makes them; the median step time, TFLOP/s and MFU (``model_flops``), peak memory, and the host syncs of one
-   forward+backward (``trainer.host_syncs``) against the mode's budget, and on CUDA every sync the driver
+   forward+backward (``trainer.runtime.host_syncs``) against the mode's budget, and on CUDA every sync the driver
    sees in one forward, backward and optimizer step (``torch.cuda.set_sync_debug_mode``: DeepSpeed's and the
    kernels' own included);
 4. the loader: seconds of audio one loader process delivers on this rank's training batches, against what the
@@ -43,17 +43,18 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param
 
-from trainer import distributed, run
+from trainer.runtime import distributed
+from trainer import run
 from trainer.config import ConfigError, ModelConfig, MoEConfig
-from trainer.data import epoch_batches, loader
+from trainer.data.batches import epoch_batches, loader
 from trainer.datasets import prepare_data
 from trainer.engine import build_engine, build_model, step_loss
-from trainer.host_syncs import count_host_syncs, cuda_syncs
-from trainer.model import moe_blocks
+from trainer.runtime.host_syncs import count_host_syncs, cuda_syncs
+from trainer.model.ctc import moe_blocks
 from trainer.plan import plan_run
-from trainer.routing import train_capacity
-from trainer.sources import DataError
-from trainer.stopping import launcher_chain
+from trainer.model.routing import train_capacity
+from trainer.data.sources import DataError
+from trainer.runtime.stopping import launcher_chain
 from tools import gpu_specs
 from tools.dry_run import FRAMES_PER_S, DryRunError, dry_run, sync_budget, synthetic_batch
 

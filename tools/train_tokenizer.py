@@ -8,8 +8,8 @@ this itself on first use (into OUTPUT_DIR/tokenizer.model); use this tool to sha
 import argparse
 import sys
 
-from trainer.sources import DataError, read_sources
-from trainer.text import Tokenizer
+from trainer.data.sources import DataError, read_sources
+from trainer.data.text import Tokenizer
 
 
 def main(argv=None) -> int:

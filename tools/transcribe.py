@@ -17,7 +17,7 @@ import torch
 
 from trainer.export import CheckpointError
 from trainer.inference import Recognizer, audio_utterances
-from trainer.sources import DataError, read_sources
+from trainer.data.sources import DataError, read_sources
 
 
 def main(argv=None) -> int:

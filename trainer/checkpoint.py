@@ -22,10 +22,10 @@ from typing import Optional
 import deepspeed
 import torch
 
-from trainer import distributed, integrity
-from trainer.deepspeed_contract import MODEL_STATES, SAFE_GLOBALS, loading_ranks, set_schedule_position
+from trainer.runtime import distributed, integrity
+from trainer.runtime.deepspeed_contract import MODEL_STATES, SAFE_GLOBALS, loading_ranks, set_schedule_position
 from trainer.plan import RunPlan
-from trainer.text import tokenizer_problem
+from trainer.data.text import tokenizer_problem
 
 RECORD = "complete.json"
 TOKENIZER, CMVN = "tokenizer.model", "cmvn.json"  # beside the checkpoints in a run's folder, and copied into each

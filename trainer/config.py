@@ -10,7 +10,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from trainer import deepspeed_config
+from trainer.runtime import deepspeed_config
 
 SECTION = "omni_router"
 

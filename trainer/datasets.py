@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 
-from trainer import checkpoint, distributed
-from trainer.corpus import build_corpus
-from trainer.data import ShardSet, SpeechDataset, describe, tokenizer_sample
-from trainer.distributed import log0
+from trainer import checkpoint
+from trainer.runtime import distributed
+from trainer.data.corpus import build_corpus
+from trainer.data.batches import ShardSet, SpeechDataset, describe, tokenizer_sample
+from trainer.runtime.distributed import log0
 from trainer.plan import RunPlan
-from trainer.sources import DataError, read_sources, set_name
-from trainer.text import Tokenizer
+from trainer.data.sources import DataError, read_sources, set_name
+from trainer.data.text import Tokenizer
 
 
 def prepare_data(plan: RunPlan) -> tuple[SpeechDataset, dict, Tokenizer]:

@@ -6,9 +6,9 @@ batch keys derived, is the run plan's (``trainer.plan``).
 import deepspeed
 import torch
 
-from trainer import objective
-from trainer.deepspeed_contract import install_checkpoint_engine
-from trainer.model import CTCModel, ModelOutput
+from trainer.model import objective
+from trainer.runtime.deepspeed_contract import install_checkpoint_engine
+from trainer.model.ctc import CTCModel, ModelOutput
 from trainer.plan import RunPlan
 
 

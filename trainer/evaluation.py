@@ -8,8 +8,8 @@ from typing import Callable, Optional
 
 import torch
 
-from trainer import distributed
-from trainer.data import SpeechDataset, length_batches, loader, shard
+from trainer.runtime import distributed
+from trainer.data.batches import SpeechDataset, length_batches, loader, shard
 from trainer.decode import error_rates, greedy_labels
 from trainer.engine import forward
 from trainer.telemetry import RoutingMeter

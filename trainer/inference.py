@@ -12,11 +12,11 @@ import torch
 from trainer import checkpoint
 from trainer.config import ProjectConfig, with_overrides
 from trainer.plan import plan_run
-from trainer.data import SpeechDataset, length_batches, loader
+from trainer.data.batches import SpeechDataset, length_batches, loader
 from trainer.decode import greedy_labels
 from trainer.export import load_consolidated
-from trainer.sources import Utterance
-from trainer.text import Tokenizer
+from trainer.data.sources import Utterance
+from trainer.data.text import Tokenizer
 
 
 def audio_utterances(paths: list[str]) -> list[Utterance]:

@@ -12,16 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer import distributed
+from trainer.runtime import distributed
 from trainer.checkpoint import Checkpointer, Record
-from trainer.data import (SamplerState, SpeechDataset, describe, epoch_batches, length_batches, loader,
+from trainer.data.batches import (SamplerState, SpeechDataset, describe, epoch_batches, length_batches, loader,
                           padding_fraction, with_last)
-from trainer.distributed import log0
+from trainer.runtime.distributed import log0
 from trainer.engine import step_loss
 from trainer.evaluation import evaluate_dev_sets
-from trainer.model import moe_blocks
+from trainer.model.ctc import moe_blocks
 from trainer.plan import RunPlan
-from trainer.stopping import StopSignal
+from trainer.runtime.stopping import StopSignal
 from trainer.telemetry import RunLogger, TrainMeter
 
 REQUEUE = 75  # exit status after a signal-requested stop and save: "temporary failure, run me again"
@@ -157,7 +157,7 @@ class Trainer:
         with a finite loss is caught by DeepSpeed's ZeRO optimizer, which skips the step on every rank (the
         global norm is reduced over expert and non-expert groups alike); it is counted here the same way.
         ``batch`` as ``SpeechDataset.on_device`` readies it. Host syncs: the step's outcome (``step_totals``),
-        the capacity's frame count or the split sizes (``trainer.host_syncs``), and DeepSpeed's in ``step``."""
+        the capacity's frame count or the split sizes (``trainer.runtime.host_syncs``), and DeepSpeed's in ``step``."""
         engine = self.engine
         loss, out, totals = step_loss(engine, self.plan, batch, stop_requested, last)
         boundary = engine.is_gradient_accumulation_boundary()  # DeepSpeed advances it in step()

@@ -12,7 +12,7 @@ def _main():
     here = os.path.dirname(os.path.abspath(__file__))
     if sys.path and os.path.abspath(sys.path[0]) == here:
         sys.path[0] = os.path.dirname(here)
-    from trainer import distributed
+    from trainer.runtime import distributed
     from trainer.run import main
     distributed.end_process(main())
 

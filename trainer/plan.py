@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from trainer import deepspeed_config
+from trainer.runtime import deepspeed_config
 from trainer.config import SECTION, ConfigError, DataConfig, MoEConfig, ProjectConfig
-from trainer.deepspeed_contract import ep_rank
+from trainer.runtime.deepspeed_contract import ep_rank
 
 
 @dataclass(frozen=True)

@@ -11,19 +11,20 @@ import sys
 
 import deepspeed
 
-from trainer import checkpoint, distributed, locks
+from trainer import checkpoint
+from trainer.runtime import distributed, locks
 from trainer.checkpoint import ResumeError
 from trainer.config import ConfigError, load_config, parse_assignment, with_overrides
-from trainer.data import describe
+from trainer.data.batches import describe
 from trainer.datasets import prepare_data
-from trainer.distributed import log0
+from trainer.runtime.distributed import log0
 from trainer.engine import build_engine, build_model
 from trainer.evaluation import EvaluationError
-from trainer.integrity import UnsafeFile
+from trainer.runtime.integrity import UnsafeFile
 from trainer.loop import Trainer, TrainingError
 from trainer.plan import RunPlan, plan_run
-from trainer.sources import DataError
-from trainer.stopping import launcher_chain
+from trainer.data.sources import DataError
+from trainer.runtime.stopping import launcher_chain
 
 
 def parse_args(argv=None):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from trainer import distributed
+from trainer.runtime import distributed
 
 
 def nmi(joint: torch.Tensor) -> float:

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from deepspeed.moe.experts import Experts
 
-from trainer import distributed
+from trainer.runtime import distributed
 
 PER_EXPERT_KEYS = {"w1": "0.weight", "b1": "0.bias", "w2": "2.weight", "b2": "2.bias"}  # in nn.Sequential(Linear, ReLU, Linear)
 

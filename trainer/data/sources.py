@@ -19,9 +19,9 @@ from typing import Optional
 
 import soundfile as sf
 
-from trainer.audio import load_audio
+from trainer.data.audio import load_audio
 from trainer.config import HFSource
-from trainer.text import normalize
+from trainer.data.text import normalize
 
 
 class DataError(ValueError):

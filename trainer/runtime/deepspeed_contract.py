@@ -53,9 +53,9 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from trainer import integrity
+from trainer.runtime import integrity
 
-__all__ = ["TopKGate", "gumbel_rsample", "multiplicative_jitter"]  # re-exported for trainer.routing
+__all__ = ["TopKGate", "gumbel_rsample", "multiplicative_jitter"]  # re-exported for trainer.model.routing
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_" + re.escape(MODEL_STATES))

@@ -1,17 +1,17 @@
 """Waveform augmentation of training utterances: a room, additive noise, a telephone channel
-(``trainer.effects``), each on a share of the utterances (``data.augment``).
+(``trainer.data.effects``), each on a share of the utterances (``data.augment``).
 
 Every draw comes from the utterance's key, (seed, epoch, utterance), so a resumed run hears the same audio
 and the loader's worker count changes nothing. It runs in the loader in both feature modes, on the decoded
 waveform after speed perturbation (a room, then noise in it, then the channel); SpecAugment follows on the
-features, wherever they are computed (``trainer.features``).
+features, wherever they are computed (``trainer.data.features``).
 """
 import random
 from typing import Callable, Optional
 
 import torch
 
-from trainer import effects
+from trainer.data import effects
 from trainer.config import AugmentConfig
 
 BABBLE_VOICES = 3

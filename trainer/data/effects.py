@@ -1,5 +1,5 @@
 """Waveform effects that change one acoustic condition of 16 kHz speech: noise, a telephone channel, tempo,
-a room. The embedded corpus builds its out-of-domain sets with them (``trainer.corpus``). Every random draw
+a room. The embedded corpus builds its out-of-domain sets with them (``trainer.data.corpus``). Every random draw
 comes from a ``torch.Generator`` passed in, so a result is a function of its seed alone.
 """
 import math
@@ -7,7 +7,7 @@ import math
 import torch
 import torchaudio.functional as AF
 
-from trainer.audio import SAMPLE_RATE
+from trainer.data.audio import SAMPLE_RATE
 
 TELEPHONE_RATE, TELEPHONE_BAND = 8000, (300.0, 3400.0)
 NOISES = ("white", "pink", "brown", "babble")  # coloured noise by its spectral exponent (0, 1, 2), then voices

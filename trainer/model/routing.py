@@ -16,11 +16,11 @@ K choices, D model width):
 4. ``train_capacity``: training drops what exceeds ``ceil(k * capacity_factor * frames / E)`` with ``frames`` the
    largest real-frame count in the expert-parallel group (one value for the forward, so every rank exchanges
    buffers of one shape); with ``drop_tokens`` off, capacity is the group's busiest expert (nothing dropped);
-   evaluation never drops: it dispatches without capacity (``MoEFeedForward``, ``trainer.experts.dropless_moe``);
+   evaluation never drops: it dispatches without capacity (``MoEFeedForward``, ``trainer.model.experts.dropless_moe``);
 5. ``gate_values``: the router probability of each kept choice (normalised over the two for top-2).
 
 The losses are not finished here: a call hands back the sums the objective needs (``RoutingStats``), and
-``trainer.objective`` normalises them over the global batch.
+``trainer.model.objective`` normalises them over the global batch.
 """
 import math
 from dataclasses import dataclass
@@ -28,8 +28,8 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
-from trainer import distributed
-from trainer.deepspeed_contract import TopKGate, gumbel_rsample, multiplicative_jitter
+from trainer.runtime import distributed
+from trainer.runtime.deepspeed_contract import TopKGate, gumbel_rsample, multiplicative_jitter
 
 
 @dataclass
@@ -57,7 +57,7 @@ class RouteCall:
     """The per-call input that rides in ``MOELayer``'s ``used_token`` slot, and the call's statistics back."""
     real_S: torch.Tensor  # bool, False for padding
     max_frames: int  # largest real-frame count of one rank in the expert-parallel group (training capacity)
-    dropless: bool = False  # no capacity at all: every route is computed (trainer.experts.dropless_moe)
+    dropless: bool = False  # no capacity at all: every route is computed (trainer.model.experts.dropless_moe)
     stats: Optional[RoutingStats] = None
 
 

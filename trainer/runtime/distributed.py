@@ -24,8 +24,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from trainer.deepspeed_contract import skip_shm_comm_build
-from trainer.placement import allocated_gpus, device_index
+from trainer.runtime.deepspeed_contract import skip_shm_comm_build
+from trainer.runtime.placement import allocated_gpus, device_index
 
 
 # The oldest Linux driver each CUDA major version of a torch build runs on (CUDA's minor version compatibility).

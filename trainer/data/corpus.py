@@ -8,14 +8,14 @@ slt, espeak-ng's Scottish and Caribbean accents) speaking another text source (W
 out-of-domain suite (``OOD_SUITE``) changes one thing each: the test phrases in espeak-ng variants never trained
 on (``ood_voices``), in accents never trained on (``ood_accents``), the glosses in the training voices
 (``ood_text``), and the test audio itself with noise, through a telephone channel, at another tempo, in a room
-(``CHANGED``, ``trainer.effects``). With a word list (the N most frequent words of the usage examples), every
+(``CHANGED``, ``trainer.data.effects``). With a word list (the N most frequent words of the usage examples), every
 split speaks only texts made of those words: spelling can then be learnt from a few thousand sentences, and
 errors measure hearing rather than orthography. The texts are whole usage examples or, many more of them, the
 phrases of listed words within the examples (``wordnet_phrases``). Voice, speed and pitch are drawn from the seed
 and the text, and every task of the build runs in a fresh process, so a rebuild is the same audio. The engines'
 silence beyond 0.1 s either side of a sentence is cut (``trim_silence``). Written as 16 kHz FLAC plus NeMo-style
 JSON-lines manifests, built in a temporary folder and renamed into place (one builder at a time, under a lock,
-``trainer.locks``): an interrupted build leaves no half corpus.
+``trainer.runtime.locks``): an interrupted build leaves no half corpus.
 """
 import ctypes
 import ctypes.util
@@ -37,10 +37,11 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from trainer import effects, locks
-from trainer.audio import SAMPLE_RATE, load_audio, resample
-from trainer.features import speed_perturb
-from trainer.text import normalize
+from trainer.data import effects
+from trainer.runtime import locks
+from trainer.data.audio import SAMPLE_RATE, load_audio, resample
+from trainer.data.features import speed_perturb
+from trainer.data.text import normalize
 
 WORDNET = Path("/usr/share/wordnet")
 VERSION = 7  # 3: espeak-ng by its library; 4: edges trimmed; 5: OOD suite; 6: wide voices; 7: narrower ranges

@@ -16,11 +16,11 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from trainer.augment import BABBLE_VOICES, WaveAugment
+from trainer.data.augment import BABBLE_VOICES, WaveAugment
 from trainer.config import AugmentConfig, DataConfig
-from trainer.features import Features, speed_perturb
-from trainer.sources import Utterance, load_utterance, read_shard, shard_files
-from trainer.text import Tokenizer
+from trainer.data.features import Features, speed_perturb
+from trainer.data.sources import Utterance, load_utterance, read_shard, shard_files
+from trainer.data.text import Tokenizer
 
 STAND_IN_FRAMES = 8
 
@@ -30,8 +30,8 @@ class SpeechDataset(Dataset):
     allows (small corpora), for the utterances an epoch's draws leave as recorded (``plain``): with speed
     perturbation or waveform augmentation on a share of the utterances, the rest still cost nothing to load
     again. SpecAugment (masks drawn after the cache), speed perturbation and waveform augmentation
-    (``trainer.augment``) apply to training sets only. Where the features are computed, in the loader or on the
-    rank's device, is up to ``self.features`` (``trainer.features.Features``); ``on_device`` readies a batch for
+    (``trainer.data.augment``) apply to training sets only. Where the features are computed, in the loader or on the
+    rank's device, is up to ``self.features`` (``trainer.data.features.Features``); ``on_device`` readies a batch for
     the model.
 
     An item is named by its index into ``utts``, or, for a training set read lazily from shards (``shards``),
@@ -240,7 +240,7 @@ def with_last(items: Iterable) -> Iterator[tuple]:
 
 
 def _plain_signals(_worker_id: int):
-    """A worker is forked with the rank's stop watcher set up (``trainer.stopping``): give it default signal
+    """A worker is forked with the rank's stop watcher set up (``trainer.runtime.stopping``): give it default signal
     actions and no wakeup fd, so a signal to the worker is not heard as a second one to the rank."""
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):

@@ -21,8 +21,8 @@ import threading
 import time
 from contextlib import contextmanager
 
-from trainer import locks
-from trainer.deepspeed_contract import is_deepspeed_launcher, is_deepspeed_runner
+from trainer.runtime import locks
+from trainer.runtime.deepspeed_contract import is_deepspeed_launcher, is_deepspeed_runner
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 FORCED = 1  # exit status when the watcher ends a rank that did not stop by itself
