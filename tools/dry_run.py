@@ -42,6 +42,7 @@ from trainer.runtime import distributed
 from trainer.config import ProjectConfig
 from trainer.data.batches import SpeechDataset
 from trainer.runtime.deepspeed_contract import skip_shm_comm_build
+from trainer.runtime.exits import RunError
 from trainer.engine import build_model, step_loss
 from trainer.model.experts import grouped_mm_fast
 from trainer.data.features import HOP, WINDOW
@@ -59,7 +60,7 @@ TARGETS_PER_S = 4  # sentencepiece pieces per second of speech in the synthetic 
 CTC_KERNEL_COPIES = 3  # blocking host-to-device copies inside torch's CUDA CTC forward (LossCTC.cu), per call
 
 
-class DryRunError(RuntimeError):
+class DryRunError(RunError, RuntimeError):
     """The step cannot be dry-run as configured: a CPU tensor in it, or a host read nobody has named."""
 
 

@@ -7,7 +7,7 @@
 on rank 0 of N GPUs, on meta tensors (``tools/dry_run.py``).
 
 or under srun, one task per GPU, with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set as
-slurm/train.sh sets them. The flags are trainer/main.py's (``trainer.run.parse_args`` and ``load_project``; the
+slurm/train.sh sets them. The flags are trainer/main.py's (``trainer.start``: one start path; the
 tool's own are listed by --help), and so is the start-up: the same checks, the same data (the embedded corpus
 when no data is given; the tokenizer in the output folder, which the run then reuses; no checkpoint, no lock),
 the same model and DeepSpeed engine. Rank 0 prints:
@@ -43,20 +43,18 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param
 
-from trainer.runtime import distributed
-from trainer import run
-from trainer.config import ConfigError, ModelConfig, MoEConfig
+from trainer.config import ModelConfig, MoEConfig
 from trainer.data.batches import epoch_batches, loader
-from trainer.datasets import prepare_data
-from trainer.engine import build_engine, build_model, step_loss
-from trainer.runtime.host_syncs import count_host_syncs, cuda_syncs
+from trainer.engine import step_loss
 from trainer.model.ctc import moe_blocks
-from trainer.plan import plan_run
 from trainer.model.routing import train_capacity
-from trainer.data.sources import DataError
+from trainer.runtime import distributed
+from trainer.runtime.exits import RunError
+from trainer.runtime.host_syncs import count_host_syncs, cuda_syncs
 from trainer.runtime.stopping import launcher_chain
+from trainer.start import load_project, parse_args as start_args, start
 from tools import gpu_specs
-from tools.dry_run import FRAMES_PER_S, DryRunError, dry_run, sync_budget, synthetic_batch
+from tools.dry_run import FRAMES_PER_S, dry_run, sync_budget, synthetic_batch
 
 
 
@@ -75,7 +73,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
     p.add_argument("--gpus", type=int, default=1, help="with --dry_run: the GPUs of the run")
     p.add_argument("--gpu", default="H100", help="with --dry_run: the GPU (a name torch reports, or H100, H200, ...)")
     own, rest = p.parse_known_args(argv)
-    return own, run.parse_args(rest)
+    return own, start_args(rest)
 
 
 def sync():
@@ -282,34 +280,17 @@ def loader_verdict(needed: int, workers: int, demand: float, rate: float) -> str
 def main(argv=None) -> int:
     own, args = parse_args(argv)
     try:
-        ds_config, project = run.load_project(args)
-    except ConfigError as e:
-        print(f"config error:\n{e}", file=sys.stderr)
-        return 2
-    if own.dry_run:
-        try:
-            dry_run(own.gpus, own.gpu, ds_config, project)
-        except (ConfigError, DryRunError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1 if isinstance(e, DryRunError) else 2
-        return 0
-    missing = distributed.missing_gpus(bool(launcher_chain()))
-    distributed.init(project.run.collective_timeout_s)
-    try:
-        plan = plan_run(ds_config, project, distributed.rank(), distributed.world(), distributed.device())
-        train_set, _, tokenizer = prepare_data(plan)
-    except ConfigError as e:
-        print(f"config error:\n{e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
-    model = build_model(plan, tokenizer.vocab_size)
-    engine = build_engine(plan, model)
-    distributed.apply_timeout()
-    results = measure(own, plan, engine, model, train_set, tokenizer.vocab_size, missing)
+        if own.dry_run:
+            dry_run(own.gpus, own.gpu, *load_project(args))
+            return 0
+        missing = distributed.missing_gpus(bool(launcher_chain()))
+        run = start(args, lock=False, refuse_cpu=False)  # the run's own start: its checks, data, model, engine
+        results = measure(own, run.plan, run.engine, run.model, run.train_set, run.tokenizer.vocab_size, missing)
+    except RunError as e:
+        print(e.report(), file=sys.stderr)
+        return e.status
     if distributed.rank() == 0:
-        report(own, plan, engine, results)
+        report(own, run.plan, run.engine, results)
     distributed.barrier()
     return 0
 

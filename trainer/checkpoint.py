@@ -23,6 +23,7 @@ import deepspeed
 import torch
 
 from trainer.runtime import distributed, integrity
+from trainer.runtime.exits import ToFix
 from trainer.runtime.deepspeed_contract import MODEL_STATES, SAFE_GLOBALS, loading_ranks, set_schedule_position
 from trainer.plan import RunPlan
 from trainer.data.text import tokenizer_problem
@@ -31,7 +32,7 @@ RECORD = "complete.json"
 TOKENIZER, CMVN = "tokenizer.model", "cmvn.json"  # beside the checkpoints in a run's folder, and copied into each
 
 
-class ResumeError(RuntimeError):
+class ResumeError(ToFix, RuntimeError):
     """A checkpoint that this run cannot continue from as asked (its config or flags must change: exit 2);
     worded for the user."""
 
@@ -77,6 +78,7 @@ class Record:
         return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
     def client_state(self) -> dict:
+        """The record as DeepSpeed's client state (saved in the dense states file)."""
         return asdict(self)
 
 
@@ -308,6 +310,7 @@ class Checkpointer:
             self.best = {"wer": mean_wer, "tag": f"step{self.engine.global_steps}"}
 
     def save(self, record: Record) -> str:
+        """Save a verified checkpoint with the run's files, then prune to the newest and the best; its tag."""
         keep = {self.best["tag"]} if self.best["tag"] else set()
         extra = [f for f in (self.out_dir / TOKENIZER, self.out_dir / CMVN) if f.exists()]
         with distributed.timeout(self.timeout_s):  # ranks wait for the slowest writer at its barriers
@@ -315,12 +318,13 @@ class Checkpointer:
         distributed.log0(f"saved checkpoint {self.dir / tag}")
         return tag
 
-    def resume(self, reset_optimizer: bool) -> Optional[Record]:
+    def resume(self, reset_optimizer: bool, weights_only: bool = False) -> Optional[Record]:
         """Continue from the newest usable checkpoint, if any: weights, optimizer, scheduler, step, random
         states (the data position is in the record returned). A different world size or ep_size needs
         ``reset_optimizer`` (weights only); the learning-rate schedule then continues from the step. Config
         changes since the checkpoint are named: run-level ones are accepted, model-defining ones refused
-        unless ``reset_optimizer`` and the weights still fit."""
+        unless ``reset_optimizer`` and the weights still fit. ``weights_only`` (evaluation): the weights of any
+        world size or ep_size, the optimizer left alone, a changed model still refused."""
         project_config, world_size, ep_size = self.plan.project.model_dump(), self.plan.world, self.plan.ep_size
         with distributed.timeout(self.timeout_s):  # ranks wait for the slowest to hash its share of the files
             newest, warnings = self.newest_verified(world_size, ep_size, self.plan.project.moe.num_experts)
@@ -340,14 +344,15 @@ class Checkpointer:
                              + (" (model-defining; weights loaded where they fit)" if model else ""))
         if not written.optimizer_state:  # re-sharded by tools/consolidate_checkpoint.py: weights only
             reset_optimizer = True
-        elif (written.world_size, written.ep_size) != (world_size, ep_size) and not reset_optimizer:
+        moved = (written.world_size, written.ep_size) != (world_size, ep_size)
+        if moved and not (reset_optimizer or weights_only):
             raise ResumeError(f"{self.dir / newest} was written by {written.world_size} ranks with ep_size "
                               f"{written.ep_size}, this run has {world_size} with ep_size {ep_size}: the optimizer "
                               "state cannot be re-partitioned; pass --reset_optimizer to continue from the weights "
                               "(experts are stored by global id) with a fresh optimizer")
         try:
             with distributed.timeout(self.timeout_s):  # every rank reads its files: ranks wait for the slowest
-                record = load(self.engine, self.dir, newest, load_optimizer=not reset_optimizer)
+                record = load(self.engine, self.dir, newest, load_optimizer=not (reset_optimizer or weights_only))
         except (RuntimeError, FileNotFoundError, KeyError) as e:  # the weights do not fit the new model
             if not model:
                 raise
@@ -355,7 +360,7 @@ class Checkpointer:
                               + "; ".join(model) + f"): {str(e).splitlines()[0]}") from None
         self.best = record.best
         distributed.log0(f"resumed from {self.dir / newest} at step {self.engine.global_steps}"
-                         + (" (optimizer reset)" if reset_optimizer else ""))
+                         + (" (weights only)" if weights_only else " (optimizer reset)" if reset_optimizer else ""))
         return record
 
     def newest_verified(self, world_size: int, ep_size: int, num_experts: int) -> tuple[str, list[str]]:

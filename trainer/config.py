@@ -8,15 +8,18 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.runtime import deepspeed_config
+from trainer.runtime.exits import ToFix
 
 SECTION = "omni_router"
+SPEED_RANGE = (0.5, 2.0)  # data.speed_perturb: an octave either way
 
 
-class ConfigError(ValueError):
+class ConfigError(ToFix, ValueError):
     """A configuration problem, worded for the user: file, key, what is wrong."""
+    label = "config error:\n"
 
 
 class _Strict(BaseModel):
@@ -164,6 +167,14 @@ class DataConfig(_Strict):
     speed_perturb: list[float] = Field([], description="speed factors drawn per utterance, e.g. [0.9, 1.0, 1.1]")
     augment: AugmentConfig = Field(AugmentConfig(), description="waveform augmentation of training utterances, in "
                                                                 "the loader after speed perturbation")
+
+    @field_validator("speed_perturb")
+    @classmethod
+    def _sane_speeds(cls, factors: list[float]) -> list[float]:
+        wrong = [f for f in factors if not SPEED_RANGE[0] <= f <= SPEED_RANGE[1]]
+        if wrong:  # 0 would make an empty utterance, 10 a tenth of one: a typo, not a recipe
+            raise ValueError(f"speed factors must lie in [{SPEED_RANGE[0]}, {SPEED_RANGE[1]}], not {wrong}")
+        return factors
 
     @model_validator(mode="after")
     def _phrases_need_words(self):

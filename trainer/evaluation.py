@@ -9,13 +9,14 @@ from typing import Callable, Optional
 import torch
 
 from trainer.runtime import distributed
+from trainer.runtime.exits import RunError
 from trainer.data.batches import SpeechDataset, length_batches, loader, shard
 from trainer.decode import error_rates, greedy_labels
 from trainer.engine import forward
 from trainer.telemetry import RoutingMeter
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(RunError, RuntimeError):
     """A dev set that yields nothing to score; worded for the user."""
 
 

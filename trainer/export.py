@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from trainer import checkpoint
 from trainer.runtime import integrity
+from trainer.runtime.exits import ToFix
 from trainer.config import ProjectConfig
 from trainer.runtime.deepspeed_contract import EXPERT_FILE, EXPERT_PARAM, MODEL_STATES, SAFE_GLOBALS, expert_file
 from trainer.model.ctc import CTCModel, moe_blocks
@@ -25,7 +26,7 @@ WEIGHTS, CONFIG = "model.safetensors", "config.json"
 FORMAT = "omni-router-consolidated/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ToFix, ValueError):
     """A path that is not the kind of checkpoint a tool expects, or one that is damaged; worded for the user."""
 
 

@@ -17,6 +17,7 @@ from trainer.checkpoint import Checkpointer, Record
 from trainer.data.batches import (SamplerState, SpeechDataset, describe, epoch_batches, length_batches, loader,
                           padding_fraction, with_last)
 from trainer.runtime.distributed import log0
+from trainer.runtime.exits import REQUEUE, RunError
 from trainer.engine import step_loss
 from trainer.evaluation import evaluate_dev_sets
 from trainer.model.ctc import moe_blocks
@@ -24,10 +25,9 @@ from trainer.plan import RunPlan
 from trainer.runtime.stopping import StopSignal
 from trainer.telemetry import RunLogger, TrainMeter
 
-REQUEUE = 75  # exit status after a signal-requested stop and save: "temporary failure, run me again"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RunError, RuntimeError):
     """The run cannot go on (for example, too many non-finite losses in a row); a checkpoint was saved."""
 
 
@@ -58,6 +58,7 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def save(self, finished: bool = False) -> str:
+        """A checkpoint of this step (a stop signal waits for it to finish); its tag."""
         self.phase = f"saving checkpoint step{self.engine.global_steps}"
         with self.stop.save() if self.stop else nullcontext():
             return self.checkpointer.save(Record(
@@ -65,10 +66,10 @@ class Trainer:
                 position=self.state.position, world_size=self.plan.world, ep_size=self.plan.ep_size,
                 finished=finished))
 
-    def resume(self, reset_optimizer: bool = False) -> bool:
+    def resume(self, reset_optimizer: bool = False, weights_only: bool = False) -> bool:
         """Continue from the newest usable checkpoint, if any (see ``Checkpointer.resume``); the metrics written
         after it are dropped, as they are computed again."""
-        record = self.checkpointer.resume(reset_optimizer)
+        record = self.checkpointer.resume(reset_optimizer, weights_only)
         if record is not None:
             self.state = SamplerState(record.epoch, record.position)
             self.finished = record.finished and record.step >= self.project.run.max_steps
@@ -187,6 +188,7 @@ class Trainer:
                                 f"{self.checkpointer.dir / tag}")
 
     def log_train(self, meter: TrainMeter, step: int, first_step: int, started: float):
+        """One training row from the meter's sums over all ranks (every rank enters)."""
         m = meter.reduce()  # a collective: every rank logs at the same step
         fps = m.pop("input_frames") / max(m.pop("elapsed"), 1e-9)  # input frames (10 ms), all ranks
         eta = (time.time() - started) / max(step - first_step, 1) * (self.project.run.max_steps - step)
@@ -209,6 +211,7 @@ class Trainer:
         return result
 
     def evaluate_and_save(self, finished: bool = False) -> dict:
+        """Evaluate, note the dev WER for the best checkpoint, save; the result."""
         result = self.evaluate()
         self.checkpointer.note_evaluation(result["mean_wer"])
         self.save(finished)

@@ -24,6 +24,7 @@ class BatchPlan:
     micro_frames: int  # padded frames per micro-batch per rank
 
     def describe(self) -> str:
+        """The batch in words: frames and padded audio per step, and how they are split."""
         frames = self.micro_frames * self.world * self.accumulation
         audio = f"{frames / 6000:.1f} min" if frames < 360000 else f"{frames / 360000:.1f} h"
         return (f"batch {frames:,} frames ({audio} of padded audio) per step = {self.world} rank(s) x "

@@ -84,6 +84,7 @@ class RoutingMeter:
         self.sums = {k: v.float() for k, v in distributed.sum_over_ranks(self.sums).items()}
 
     def summary(self) -> dict:
+        """Per layer: load, router entropy, dropped share, capacity used; adjacent-layer NMI."""
         s = self.sums
         layers = [{"load": (s["kept"][i] / s["kept"][i].sum().clamp(min=1)).tolist(),
                    "entropy": float(s["entropy"][i] / s["frames"][i].clamp(min=1)),
@@ -103,6 +104,7 @@ class TrainMeter:
         self.sums = {"loss": torch.zeros(4), "routes": torch.zeros(num_layers), "dropped": torch.zeros(num_layers)}
 
     def add(self, input_frames: int, loss, routing: list):
+        """One micro-batch's losses and routing counts (kept on the device until ``reduce``)."""
         self.steps += 1
         self.frames += input_frames
         step = {"loss": torch.stack([loss.total, loss.ctc, loss.lb, loss.z]).detach().float()}
@@ -149,6 +151,7 @@ class MetricsFile:
         os.replace(tmp, self.path)
 
     def write(self, row: dict):
+        """Append a row once per (kind, step): a rerun of a step does not repeat it."""
         key = (row["kind"], row["step"])
         if self.enabled and key not in self.written:
             self.written.add(key)
@@ -171,6 +174,7 @@ class RunLogger:
             self.monitor.write_events([(k, float(v), step) for k, v in values.items()])
 
     def train(self, row: dict, eta_s: float):
+        """A training row to the log (rank 0), TensorBoard and metrics.jsonl."""
         drops = " ".join(f"{100 * x:.1f}" for x in row["dropped_per_layer"])
         distributed.log0(
             f"step {row['step']}/{self.max_steps} ep {row['epoch']} loss {row['loss']:.4f} ctc {row['ctc']:.4f} "
@@ -182,6 +186,7 @@ class RunLogger:
                                     if k not in ("kind", "step", "dropped_per_layer") and v is not None})
 
     def evaluation(self, result: dict):
+        """An evaluation's sets and routing to the log (rank 0), TensorBoard and metrics.jsonl."""
         for name, r in result["sets"].items():
             distributed.log0(f"dev {name}: loss {r['loss']:.4f}  WER {r['wer']:.2f}%  CER {r['cer']:.2f}%  "
                              f"({r['utterances']} utterances)")

@@ -33,6 +33,7 @@ class WaveAugment:
         return rng, tuple(rng.random() < p for p in (cfg.reverb_prob, cfg.noise_prob, cfg.telephone_prob))
 
     def changes(self, key: str) -> bool:
+        """Whether any effect is drawn for the utterance of ``key`` (the feature cache skips it)."""
         return self.active and any(self._decide(key)[1])
 
     def __call__(self, wave: torch.Tensor, key: str) -> torch.Tensor:

@@ -57,9 +57,11 @@ class SpeechDataset(Dataset):
         return self.features.host(self.augment(wave, self.augment_key(i)))
 
     def speed(self, i) -> float:
+        """Utterance ``i``'s speed factor this epoch (1.0 without speed perturbation)."""
         return random.Random(f"{self.seed}:{self.epoch}:{i}").choice(self.speeds) if self.speeds else 1.0
 
     def augment_key(self, i) -> str:
+        """The key of utterance ``i``'s augmentation draws this epoch."""
         return f"{self.seed}:{self.epoch}:{i}:augment"
 
     def plain(self, i) -> bool:
@@ -127,6 +129,7 @@ def length_batches(utts: list[Utterance], max_frames: int) -> list[list[int]]:
 
 
 def padding_fraction(utts: list[Utterance], batches: list[list[int]]) -> float:
+    """The share of the batches' padded frames that are padding."""
     real = sum(utts[i].frames for b in batches for i in b)
     padded = sum(max(utts[i].frames for i in b) * len(b) for b in batches)
     return 1.0 - real / max(padded, 1)
@@ -249,6 +252,7 @@ def _plain_signals(_worker_id: int):
 
 def loader(dataset: SpeechDataset, batches: Iterable[list], workers: int) -> DataLoader:
     # A generator of its own: creating an iterator must not draw from the global stream that dropout uses.
+    """A DataLoader over ``batches`` (lists of utterance indices) with the dataset's collate."""
     return DataLoader(dataset, batch_sampler=batches, collate_fn=dataset.collate, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), generator=torch.Generator(),
                       worker_init_fn=_plain_signals)

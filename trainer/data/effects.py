@@ -14,6 +14,7 @@ NOISES = ("white", "pink", "brown", "babble")  # coloured noise by its spectral 
 
 
 def rms(wave: torch.Tensor) -> torch.Tensor:
+    """[samples] -> root mean square, floored above zero."""
     return wave.pow(2).mean().sqrt().clamp(min=1e-8)
 
 

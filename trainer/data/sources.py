@@ -22,10 +22,12 @@ import soundfile as sf
 from trainer.data.audio import load_audio
 from trainer.config import HFSource
 from trainer.data.text import normalize
+from trainer.runtime.exits import ToFix
 
 
-class DataError(ValueError):
+class DataError(ToFix, ValueError):
     """A data problem, worded for the user: file, line, what is wrong."""
+    label = "data error: "
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Utterance:
 
     @property
     def frames(self) -> int:
+        """Feature frames of 10 ms."""
         return int(self.duration * 100)  # 10 ms hop
 
 

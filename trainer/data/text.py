@@ -32,12 +32,15 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Sentencepiece pieces; the model has one output more, the CTC blank (label 0)."""
         return self.sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
+        """Normalised text -> labels (pieces shifted by one: 0 is the blank)."""
         return [i + 1 for i in self.sp.encode(normalize(text))]
 
     def decode(self, labels: list[int]) -> str:
+        """Labels without blanks -> text."""
         return self.sp.decode([i - 1 for i in labels])
 
     @staticmethod

@@ -28,6 +28,7 @@ def feed_forward(d_model: int, ffn_dim: int) -> nn.Sequential:
 
 
 def make_gate(d_model: int, moe: MoEConfig) -> RouterGate:
+    """A router for ``moe``: one per MoE layer (switch), or the one all layers share (omni)."""
     return RouterGate(d_model, moe.num_experts, k=moe.top_k, capacity_factor=moe.capacity_factor,
                       min_capacity=moe.min_capacity,
                       noisy_gate_policy=moe.noisy_gate_policy, drop_tokens=moe.drop_tokens, use_rts=False,
@@ -48,6 +49,7 @@ class DenseFeedForward(nn.Sequential):
         super().__init__(*feed_forward(d_model, ffn_dim))
 
     def forward(self, x: torch.Tensor, routed: torch.Tensor, max_frames: int):
+        """[B, T, D] -> ([B, T, D], no routing)."""
         return super().forward(x), None
 
 
@@ -80,6 +82,7 @@ class MoEFeedForward(nn.Module):
 
     @property
     def gate(self) -> RouterGate:
+        """The router this layer calls (shared by all layers under omni)."""
         return gate_of(self.moe)
 
     def forward(self, x: torch.Tensor, routed: torch.Tensor, max_frames: int):

@@ -45,13 +45,16 @@ class GroupedExperts(Experts):
 
     @torch.no_grad()
     def init_expert(self, j: int, expert: nn.Sequential):
+        """Copy one DeepSpeed ``Experts`` expert's weights into local slot ``j``."""
         for name, key in PER_EXPERT_KEYS.items():
             getattr(self, name)[j].copy_(expert.get_parameter(key))
 
     def weights(self) -> tuple:
+        """(w1, b1, w2, b2), stacked over the local experts."""
         return self.w1, self.b1, self.w2, self.b2
 
     def forward(self, inputs_GnCD: torch.Tensor) -> torch.Tensor:
+        """[G, n, C, D] buffer from ``MOELayer`` -> [G, n, C, D] expert outputs."""
         G, n, C, D = inputs_GnCD.shape
         x_RD = inputs_GnCD.transpose(0, 1).reshape(n * G * C, D)  # by local expert, then source rank
         counts = torch.full((n,), G * C, dtype=torch.int64, device=x_RD.device)

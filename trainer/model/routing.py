@@ -1,26 +1,22 @@
-"""The router: a ``TopKGate`` subclass that switch uses once per MoE layer and omni shares across all of them.
+"""The router: one ``TopKGate`` subclass, used once per MoE layer (switch) or shared by all of them (omni).
 
-DeepSpeed's own gating functions route padded frames (top-2 has no ``used_token``), size capacity from the
-local token count (ranks with different frame counts then disagree on the all-to-all buffer), fill capacity
-in token order (with length-sorted speech batches the longest utterances lose their frames), sample the first
-expert under ``RSample`` and have no router z-loss. This gate keeps DeepSpeed's linear ``wg``, its jitter and
-its sparse 7-tuple contract with ``MOELayer``, and routes in named steps (shape suffixes: S frames, E experts,
-K choices, D model width):
+Why not DeepSpeed's gating functions, whose linear ``wg``, jitter and 7-tuple contract with ``MOELayer`` it keeps:
+- they route padded frames (top-2 has no ``used_token``);
+- they size capacity from the local frame count, so ranks disagree on the all-to-all buffer;
+- they fill capacity in frame order, so in length-sorted batches the longest utterances lose frames;
+- they sample the first expert under ``RSample``, and have no router z-loss.
 
-1. ``router_probs``: fp32 logits and softmax;
-2. ``choose_experts``: top-k; when sampling, top-2 draws the second choice with Gumbel noise (GShard,
-   DeepSpeed's ``top2_2nd_expert_sampling``) and keeps the first the argmax, and top-1 (``RSample``) samples
-   the one choice, as DeepSpeed's ``top1gating`` does;
-3. ``assign_slots``: places in each expert's buffer, first choices before second choices, and within each
-   by router probability (highest first: batch-prioritised routing), padding never placed;
-4. ``train_capacity``: training drops what exceeds ``ceil(k * capacity_factor * frames / E)`` with ``frames`` the
-   largest real-frame count in the expert-parallel group (one value for the forward, so every rank exchanges
-   buffers of one shape); with ``drop_tokens`` off, capacity is the group's busiest expert (nothing dropped);
-   evaluation never drops: it dispatches without capacity (``MoEFeedForward``, ``trainer.model.experts.dropless_moe``);
-5. ``gate_values``: the router probability of each kept choice (normalised over the two for top-2).
-
-The losses are not finished here: a call hands back the sums the objective needs (``RoutingStats``), and
-``trainer.model.objective`` normalises them over the global batch.
+A call, in steps (shape suffixes: S frames, E experts, K choices, D model width):
+1. ``router_probs``: fp32 logits and softmax.
+2. ``choose_experts``: top-k; when sampling, top-2's second choice by Gumbel noise (GShard), top-1's one choice
+   under ``RSample`` (as DeepSpeed's ``top1gating``).
+3. ``assign_slots``: places in each expert's buffer, first choices first, then by router probability; padding
+   never placed.
+4. ``train_capacity``: ``ceil(k * capacity_factor * frames / E)``, ``frames`` the expert-parallel group's largest
+   real-frame count (one buffer shape on every rank); without ``drop_tokens`` the busiest expert's load.
+   Evaluation never drops (``trainer.model.experts.dropless_moe``).
+5. ``gate_values``: the router probability of each kept choice (top-2: normalised over the two).
+6. ``RoutingStats``: the sums the losses need, normalised over the global batch by ``trainer.model.objective``.
 """
 import math
 from dataclasses import dataclass
@@ -98,6 +94,7 @@ class RouterGate(TopKGate):
 
 
 def router_probs(logits_SE: torch.Tensor) -> torch.Tensor:
+    """[S, E] fp32 logits -> [S, E] probabilities."""
     return F.softmax(logits_SE, dim=-1)
 
 

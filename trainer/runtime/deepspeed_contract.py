@@ -1,48 +1,35 @@
 """Every place the trainer relies on DeepSpeed 0.19.8 beyond its documented API, in one module.
 
-When the DeepSpeed pin moves, check each item against the new source (``deepspeed/moe/``,
-``deepspeed/runtime/engine.py``, ``deepspeed/runtime/lr_schedules.py``) and run the tests:
-
-* ``deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"]``: switching it off before ``init_distributed``
-  skips a JIT C++ build that only inference all-reduce uses (``comm/torch.py`` builds it at start-up).
-* ``MoE.deepspeed_moe`` is the ``MOELayer``; its ``gate`` and ``experts`` attributes are replaced by ours;
-  an expert parameter is one with ``allreduce = False`` and a ``group_name`` (what ``Experts.__init__``
-  marks; ``GroupedExperts`` marks its stacked tensors so); ``MOELayer`` calls ``experts(buffer)`` with the
-  dispatched buffer shaped [ep_size, num_local_experts, capacity, d_model].
-* The engine saves and loads experts through ``module.state_dict()`` / ``load_state_dict`` of the ``MoE``
-  module, picking keys by ``.deepspeed_moe.experts.deepspeed_experts.<local id>.`` (``_save_moe_checkpoint``,
-  ``load_moe_state_dict``) and cloning each tensor it writes; ``GroupedExperts``' state-dict hooks present its
-  stacked tensors under those names.
-* ``MOELayer.forward`` calls ``gate(tokens, used_token, sparse_routes=True, use_tutel)`` and passes the
-  ``used_token`` argument of ``MoE.forward`` through untouched (we pass a ``RouteCall`` in it); the gate returns
-  the 7-tuple ``(l_aux, capacity, num_experts, indices [k, S] int32 with -1 for a dropped route, locations
-  [k, S] int32, gates [k, S], expert_counts [E])``.
-* ``TopKGate`` (its ``wg``, ``k``, ``capacity_factor``, ``min_capacity``, ``drop_tokens``,
-  ``noisy_gate_policy``, ``top2_2nd_expert_sampling`` attributes and ``_set_ep_group``), ``gumbel_rsample`` and
-  ``multiplicative_jitter`` in ``moe/sharded_moe.py``.
-* State-dict names: an expert's tensors are named ``...deepspeed_experts.<j>....`` (local index j in the
-  engine's state dict, global id in the checkpoint files).
-* Checkpoint files: ``mp_rank_00_model_states.pt`` holds the non-expert weights and the client state, and
-  ``layer_{L}_expert_{E}_mp_rank_00_model_states.pt`` one expert by MoE-layer index and *global* expert id,
-  whatever the ep_size.
-* The expert-parallel group of rank r holds ranks ``r // ep_size * ep_size ...`` (consecutive ranks), so the
-  rank's place in it is ``r % ep_size`` (``utils/groups.py``, ``use_data_before_expert_parallel_=False``).
-* The config schedulers' ``step(last_batch_iteration)`` sets their position; after n optimizer steps it is n - 1.
-* Every checkpoint file DeepSpeed writes or reads goes through ``engine.checkpoint_engine`` (``save(state_dict,
-  path)``, ``load(path, map_location)``; ``load_moe_state_dict`` is handed the engine's), a
-  ``TorchCheckpointEngine`` unless the config asks for another. Its optimizer files hold, besides tensors and
-  containers, ``LossScaler``/``DynamicLossScaler``, ``ZeroStageEnum`` and ``fragment_address``.
-* Which rank reads which checkpoint file in ``load_checkpoint`` (``loading_ranks``): every rank the dense states
-  ``mp_rank_00_model_states.pt``; the ranks of ep rank r the expert files of the global ids ``r * n_local ...``
-  (``load_moe_state_dict``); rank i alone ``[bf16_]zero_pp_rank_i_mp_rank_00_optim_states.pt`` (non-elastic
-  ZeRO 1/2: ``_get_all_zero_checkpoint_state_dicts`` loads only its own dp rank's file); the ranks of ep rank r
-  ``expp_rank_r_...optim_states.pt`` (no ZeRO).
-* ``deepspeed_config.known_keys`` reads DeepSpeed's source for the names of its config keys;
-  ``deepspeed_config.zero_for_world`` refuses ``contiguous_gradients: false`` with expert parallelism (0.19.8's
-  path without contiguous gradients reduces expert gradients wrongly).
-* On one node, the ``deepspeed`` runner starts ``python -m deepspeed.launcher.launch`` and waits for it,
-  forwarding no signal; the launcher starts the ranks, forwards SIGTERM/SIGINT to them, SIGKILLs them 30 s
-  later and exits 1 (or with the status of the first rank that failed).
+When the pin moves, check each item against the new source (``deepspeed/moe/``, ``deepspeed/runtime/engine.py``,
+``deepspeed/runtime/lr_schedules.py``) and run the tests:
+1. ``deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False`` before ``init_distributed`` skips a JIT
+   C++ build that only inference all-reduce uses.
+2. ``MoE.deepspeed_moe`` is the ``MOELayer``; we replace its ``gate`` and ``experts``; it calls
+   ``experts(buffer)`` with buffer [ep_size, num_local_experts, capacity, d_model].
+3. An expert parameter has ``allreduce = False`` and a ``group_name`` (as ``Experts.__init__`` marks them).
+4. The engine saves and loads experts through the ``MoE`` module's state dict, by the keys
+   ``.deepspeed_moe.experts.deepspeed_experts.<local id>.``; ``GroupedExperts``' hooks present its stacked
+   tensors under those names.
+5. ``MOELayer.forward`` calls ``gate(tokens, used_token, sparse_routes=True, use_tutel)``, passing ``used_token``
+   through untouched (we pass a ``RouteCall``); the gate returns the 7-tuple ``(l_aux, capacity, num_experts,
+   indices [k, S] int32 (-1: dropped), locations [k, S] int32, gates [k, S], expert_counts [E])``.
+6. ``TopKGate`` (``wg``, ``k``, ``capacity_factor``, ``min_capacity``, ``drop_tokens``, ``noisy_gate_policy``,
+   ``top2_2nd_expert_sampling``, ``_set_ep_group``), ``gumbel_rsample``, ``multiplicative_jitter``.
+7. Checkpoint files: ``mp_rank_00_model_states.pt`` holds the non-expert weights and the client state;
+   ``layer_{L}_expert_{E}_mp_rank_00_model_states.pt`` one expert by MoE-layer index and *global* id.
+8. The expert-parallel group of rank r is the consecutive ranks ``r // ep_size * ep_size ...``: its place in it
+   is ``r % ep_size`` (``utils/groups.py``).
+9. A config scheduler's ``step(last_batch_iteration)`` sets its position: n - 1 after n optimizer steps.
+10. Every checkpoint file goes through ``engine.checkpoint_engine`` (``save(state_dict, path)``, ``load(path,
+    map_location)``); its optimizer files hold, besides tensors, ``LossScaler``/``DynamicLossScaler``,
+    ``ZeroStageEnum`` and ``fragment_address``.
+11. Who reads what in ``load_checkpoint`` (``loading_ranks``): every rank the dense states; the ranks of ep rank
+    r the experts ``r * n_local ...``; rank i alone ``[bf16_]zero_pp_rank_i_...optim_states.pt`` (ZeRO 1/2);
+    the ranks of ep rank r ``expp_rank_r_...optim_states.pt`` (no ZeRO).
+12. ``deepspeed_config.known_keys`` reads DeepSpeed's source for its config keys; ``contiguous_gradients:
+    false`` with expert parallelism reduces expert gradients wrongly (refused by ``zero_for_world``).
+13. On one node the ``deepspeed`` runner forwards no signal to ``deepspeed.launcher.launch``, which forwards
+    SIGTERM/SIGINT to the ranks, SIGKILLs them 30 s later and exits 1 (or with the first failed rank's status).
 """
 import re
 
@@ -74,9 +61,11 @@ class VerifiedCheckpointEngine(TorchCheckpointEngine):
         self.zipfile_serialization, self.written = zipfile_serialization, {}
 
     def save(self, state_dict, path: str):
+        """Write ``state_dict`` and note its sha256."""
         self.written[str(path)] = integrity.save(state_dict, path, self.zipfile_serialization)
 
     def load(self, path: str, map_location=None):
+        """Read a checkpoint file, refusing types outside ``SAFE_GLOBALS``."""
         return integrity.load(path, SAFE_GLOBALS, map_location)
 
 
@@ -91,6 +80,7 @@ def install_checkpoint_engine(engine) -> VerifiedCheckpointEngine:
 
 
 def is_deepspeed_launcher(cmdline: list[str]) -> bool:
+    """Whether a process's command line is DeepSpeed's per-node launcher."""
     return "deepspeed.launcher.launch" in cmdline
 
 
@@ -100,10 +90,12 @@ def is_deepspeed_runner(cmdline: list[str]) -> bool:
 
 
 def skip_shm_comm_build():
+    """Skip the shared-memory op's JIT build (item 1)."""
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def expert_file(layer: int, expert: int) -> str:
+    """The file name of one expert's weights (item 7)."""
     return f"layer_{layer}_expert_{expert}_{MODEL_STATES}"
 
 
@@ -118,6 +110,7 @@ def install_experts(moe, experts):
 
 
 def gate_of(moe):
+    """The gate of a DeepSpeed ``MoE`` module (item 2)."""
     return moe.deepspeed_moe.gate
 
 

@@ -67,6 +67,9 @@ def init(timeout_s: float = 300.0) -> tuple[int, int]:
     deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name(),
                                timeout=timedelta(seconds=timeout_s))
     _timeout_s[0] = timeout_s
+    # Every rank has joined before any may leave: rank 0 ending at once (a data error found by all) would
+    # otherwise take the rendezvous store away from a peer still joining, which then dies with a traceback.
+    dist.barrier()
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -133,10 +136,12 @@ def collectives_on(stand_in: torch.device):
 
 
 def rank() -> int:
+    """This process's rank (0 outside a process group)."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
 def world() -> int:
+    """The number of ranks (1 outside a process group)."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -147,6 +152,7 @@ def log0(*args):
 
 
 def barrier():
+    """Wait for every rank."""
     dist.barrier()
 
 

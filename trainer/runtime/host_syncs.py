@@ -41,9 +41,11 @@ class SyncLog:
 
     @property
     def count(self) -> int:
+        """Host syncs seen."""
         return len(self.events)
 
     def summary(self, events: list = None) -> str:
+        """One line per kind and place, the most frequent first."""
         counts = {}
         for what, where in self.events if events is None else events:
             counts[f"{what} at {where}"] = counts.get(f"{what} at {where}", 0) + 1

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from trainer.runtime.exits import RunError
 
-class UnsafeFile(ValueError):
+
+class UnsafeFile(RunError, ValueError):
     """A checkpoint file holding a type a load must not construct; worded for the user."""
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import psutil
 
+from trainer.runtime.exits import ToFix
+
 FLOCK = "flock"
 LOCK_FILE = "lock file with heartbeat, the file system has no flock"
 NO_FLOCK = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)  # EOPNOTSUPP is ENOTSUP on Linux
@@ -41,7 +43,7 @@ _STAMP = "%Y-%m-%d %H:%M:%S"
 _held: list = []  # the locks this process holds (``release_all``)
 
 
-class LockBusy(ValueError):
+class LockBusy(ToFix, ValueError):
     """Held by another run (or, for a lock file, by a holder that may be alive); worded for the user."""
 
 
@@ -76,6 +78,7 @@ class Lock:
             return False
 
     def release(self):
+        """Let go: stop the heartbeat, remove the lock file (if still ours) or unlock."""
         if self in _held:
             _held.remove(self)
         self._stop.set()
@@ -102,6 +105,7 @@ def release_all():
 
 
 def holder_line() -> str:
+    """What a lock says of its holder: pid, host, since when."""
     return f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime(_STAMP)}"
 
 

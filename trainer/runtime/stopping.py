@@ -3,7 +3,7 @@
 A stop is *requested* on a rank by SIGTERM, SIGINT or SIGUSR1 (SLURM's warning before a time limit or a
 preemption), or by DeepSpeed's runner or launcher that started the rank disappearing (``kill`` of the
 ``deepspeed`` process alone leaves the ranks running otherwise: on one node it forwards no signal). The ranks
-*agree* on it at the next step boundary, save, and exit 75 (``loop.REQUEUE``).
+*agree* on it at the next step boundary, save, and exit 75 (``exits.REQUEUE``).
 
 Python runs signal handlers only when the main thread returns to the interpreter, which a rank blocked in a
 collective never does. So the request is read by a watcher thread from ``signal.set_wakeup_fd`` (the C-level
