@@ -24,9 +24,9 @@ def trained(tmp_path_factory, corpus):
     """Two short runs on two ranks with ep_size 2 through the real launcher: omni (ZeRO 1, fp32, dropless as
     shipped, two micro-batches per step) and switch (ZeRO 2, bf16, capacity mode). The omni run is given a GPU
     allocation torch cannot use, and trains on the CPU on purpose (``run.allow_cpu``). The switch run's ranks
-    find no flock, as on Lustre or NFS without locking (``no_flock_env``): its corpus and output folder are
-    locked with lock files, which are gone when it ends."""
-    from tests.common import launch, tiny_config
+    find no flock, as on Lustre or NFS without locking (``tools.harness.no_flock_env``): its corpus and output
+    folder are locked with lock files, which are gone when it ends."""
+    from tools.harness import launch, no_flock_env, tiny_config
     base = tmp_path_factory.mktemp("trained")
     runs = {}
     for mode, stage, bf16 in (("omni", 1, False), ("switch", 2, True)):
@@ -42,16 +42,3 @@ def trained(tmp_path_factory, corpus):
         runs[mode] = base / mode
     return runs
 
-
-def no_flock_env(folder) -> dict:
-    """The environment of a launch whose ranks' ``fcntl.flock`` fails as on a file system without locks (ENOLCK):
-    a ``sitecustomize`` in ``folder`` replaces it in every rank (what we cannot mount here)."""
-    site = folder / "no_flock"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(
-        "import errno, fcntl, os\n"
-        "def _no_flock(*args):\n"
-        "    raise OSError(errno.ENOLCK, 'No locks available')\n"
-        "if 'LOCAL_RANK' in os.environ:\n"
-        "    fcntl.flock = _no_flock\n")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}

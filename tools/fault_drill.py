@@ -7,8 +7,9 @@ config on two ranks through DeepSpeed's launcher, and one table: probe, expected
 "Nothing lost" means: the last complete checkpoint loads, and a run resumed from it ends with the same
 weights, bit for bit, as one that was never interrupted. Each probe returns what it observed (exit codes, the
 output, which checkpoint was resumed, files present) with its verdict; the fast probes are also tests
-(``tests/test_faults.py``), which state their expectations on those observations. Exit status: 0 when every
-probe that ran passed, 1 otherwise.
+(``tests/scenarios/test_faults.py``), which state their expectations on those observations. Exit status: 0
+when every probe that ran passed, 1 otherwise. What the drill shares with the tests (launches, the tiny config,
+the bad manifest, the fakes) is in ``tools/harness.py``.
 """
 import argparse
 import fcntl
@@ -24,16 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import psutil
-import soundfile as sf
 import torch
 
 from trainer import checkpoint
 from trainer.runtime import integrity, locks
 from trainer.runtime.locks import OUTPUT_LOCK as LOCK
 from trainer.runtime.deepspeed_contract import EXPERT_FILE, MODEL_STATES
-from tools.launching import ROOT, command, launch
+from tools.harness import ROOT, RunsCode, bad_manifest, command, flip_byte, launch, no_flock_env, tiny_config
 
 LONG = 400  # max_steps of a run that is stopped on purpose
 # A trainer whose checkpoint publication (the last act of a save) sleeps after the first one: a save that
@@ -53,18 +52,6 @@ distributed.end_process(run.main())
 """
 
 
-# A trainer on a file system without flock (Lustre, NFS without locking): flock fails with ENOLCK.
-NO_FLOCK = """import errno, fcntl, sys
-sys.path.insert(0, {root!r})
-def no_flock(*args):
-    raise OSError(errno.ENOLCK, "No locks available")
-fcntl.flock = no_flock
-from trainer.runtime import distributed
-from trainer import run
-distributed.end_process(run.main())
-"""
-
-
 @dataclass
 class Row:
     probe: str
@@ -76,21 +63,6 @@ class Row:
     def observed(self) -> str:
         """The observations for the table; whole outputs (text of several lines) are left out."""
         return "; ".join(f"{k}: {v}" for k, v in self.seen.items() if not (isinstance(v, str) and "\n" in v))
-
-
-def tiny_config(folder: Path, mode: str = "omni", run: Optional[dict] = None, **ds_extra) -> str:
-    """A shipped config shrunk to a tiny model on a 60-sentence corpus; written into ``folder``."""
-    cfg = json.loads((ROOT / "ds_configs" / f"{mode}.json").read_text())
-    cfg.update(ds_extra)
-    cfg["omni_router"]["model"].update(d_model=32, num_layers=2, num_heads=2, ffn_dim=64)
-    cfg["omni_router"]["data"].pop("augment")  # clean audio unless a test asks: the effects cost the suite minutes
-    cfg["omni_router"]["data"].update(corpus_sentences=60, corpus_words=0, corpus_text="sentences", vocab_size=48,
-                                      batch_frames=2500, **cfg.pop("data", {}))
-    cfg["omni_router"]["run"].update({"max_steps": 24, "log_every": 4, **(run or {})})
-    cfg["scheduler"]["params"]["warmup_num_steps"] = 5
-    path = Path(folder) / f"{mode}-{len(list(Path(folder).glob('*.json')))}.json"
-    path.write_text(json.dumps(cfg))
-    return str(path)
 
 
 class Run:
@@ -165,8 +137,9 @@ class Drill:
         self._reference = None
 
     def launch(self, out: Path, extra=(), timeout: float = 600, ranks: int = 2, config: Optional[str] = None,
-               script: str = "trainer/main.py") -> subprocess.CompletedProcess:
-        return launch(config or self.config, self.corpus, out, ranks, extra, timeout, self.env, script)
+               script: str = "trainer/main.py", env: Optional[dict] = None) -> subprocess.CompletedProcess:
+        return launch(config or self.config, self.corpus, out, ranks, extra, timeout, {**self.env, **(env or {})},
+                      script)
 
     def start(self, out: Path, extra=(), env: Optional[dict] = None, ranks: int = 2, config: Optional[str] = None,
               script: str = "trainer/main.py") -> Run:
@@ -178,10 +151,9 @@ class Drill:
         path.write_text(SLOW_SAVE.format(root=str(ROOT)))
         return str(path)
 
-    def no_flock_trainer(self) -> str:
-        path = self.work / "no_flock_main.py"
-        path.write_text(NO_FLOCK.format(root=str(ROOT)))
-        return str(path)
+    def no_flock_env(self) -> dict:
+        """The environment of runs whose ranks find no flock (Lustre, NFS without locking)."""
+        return no_flock_env(self.work, env=self.env)
 
     def reference(self) -> Path:
         """An uninterrupted run to step 8 (checkpoints at steps 4 and 8), made once."""
@@ -236,26 +208,6 @@ def resumed_from(stdout: str) -> str:
 def usable(out: Path, tag: str) -> str:
     """'' when the checkpoint is complete and verified, else why not (``checkpoint.problem``)."""
     return "no checkpoint" if tag == "(none)" else checkpoint.problem(out / "checkpoints", tag)
-
-
-def bad_manifest(corpus: Path, folder: Path) -> tuple[Path, int]:
-    """The corpus's training rows plus five bad ones, written into ``folder``: not JSON, missing audio,
-    truncated FLAC, NaN samples, a line that is not UTF-8. Returns (manifest, number of good rows)."""
-    rows = [json.loads(line) for line in (corpus / "train.jsonl").read_text().splitlines()]
-    for r in rows:
-        r["audio_filepath"] = str(corpus / r["audio_filepath"])
-    folder.mkdir(exist_ok=True)
-    (folder / "trunc.flac").write_bytes(Path(rows[0]["audio_filepath"]).read_bytes()[:300])
-    wave = np.sin(np.arange(16000) / 10).astype("float32")
-    wave[5:9] = np.nan
-    sf.write(folder / "nan.wav", wave, 16000, subtype="FLOAT")
-    bad = ["{oops", json.dumps({"audio_filepath": "nowhere.flac", "duration": 1.0, "text": "gone"}),
-           json.dumps({"audio_filepath": "trunc.flac", "duration": 1.2, "text": "cut short"}),
-           json.dumps({"audio_filepath": "nan.wav", "duration": 1.0, "text": "not a number"}),
-           '{"audio_filepath": "x.flac", "duration": 1.0, "text": "na\xefve"}']
-    manifest = folder / "train.jsonl"
-    manifest.write_bytes("\n".join([json.dumps(r) for r in rows] + bad).encode("latin-1") + b"\n")
-    return manifest, len(rows)
 
 
 def probe_bad_input(drill: Drill) -> Row:
@@ -401,11 +353,11 @@ def probe_lock(drill: Drill) -> Row:
 
 
 def probe_lock_file(drill: Drill) -> Row:
-    out, script = drill.work / "lock_file", drill.no_flock_trainer()
-    first = drill.start(out, ["--max_steps", str(LONG)], script=script)
+    out, env = drill.work / "lock_file", drill.no_flock_env()
+    first = drill.start(out, ["--max_steps", str(LONG)], env=env)
     first.wait_for("step 2/")
     seen = {"lock file made": locks.lock_file(out / LOCK).exists()}
-    second = drill.launch(out, ["--max_steps", "4"], script=script)
+    second = drill.launch(out, ["--max_steps", "4"], env=env)
     seen.update({"second exit": second.returncode, "second error": last_line(second.stderr),
                  "second stderr": second.stderr})
     os.kill(first.proc.pid, signal.SIGTERM)  # the runner alone: the ranks stop, save and exit
@@ -460,12 +412,6 @@ def probe_hung_rank_sigterm(drill: Drill, second_signal: bool) -> Row:
 
 
 # -- integrity and trust ------------------------------------------------------------------------------------
-def flip_byte(path: Path):
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 def probe_corrupted_checkpoint(drill: Drill) -> Row:
     out = drill.copy_of_reference("corrupted")
     victim = next((out / "checkpoints" / "step8").glob("zero_pp_rank_1_*"))
@@ -493,20 +439,10 @@ def probe_metrics_once(drill: Drill) -> Row:
                ok)
 
 
-class _Payload:
-    """Unpickling this runs a shell command that leaves a marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def plant(path: Path, marker: Path):
     """Add a payload to a checkpoint file and re-record its size and SHA-256, as a tamperer would."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    saved["note"] = _Payload(marker)
+    saved["note"] = RunsCode(marker)
     torch.save(saved, path)
     record = path.parent / checkpoint.RECORD
     files = json.loads(record.read_text())

@@ -1,0 +1,1 @@
+"""Unit tests of trainer/data/: sources, audio, batches, features, effects and augmentation."""

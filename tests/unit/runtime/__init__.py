@@ -1,0 +1,1 @@
+"""Unit tests of trainer/runtime/: process-group rules, placement, host syncs."""

@@ -1,0 +1,1 @@
+"""Unit tests of the command-line tools (tools/), called as functions."""
