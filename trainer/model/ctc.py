@@ -125,7 +125,7 @@ class Block(nn.Module):
 class ModelOutput(NamedTuple):
     """A NamedTuple, not a dataclass: DeepSpeed's engine hooks its backward prologue on the tensors of the
     outputs it can walk (tuples, lists, dicts), and without the prologue fp32 gradient accumulation in bf16
-    counts earlier micro-batches again (tests/test_parallel.py)."""
+    counts earlier micro-batches again (tests/scenarios/test_parallel.py)."""
     log_probs: torch.Tensor  # [B, T', V+1]
     lengths: torch.Tensor  # [B] valid encoder frames, on the device of the input lengths (the host in training)
     routing: list[RoutingStats]  # one per MoE layer, in depth order (empty for dense)
