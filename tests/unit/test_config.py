@@ -122,3 +122,11 @@ def test_set_overrides_any_key_and_names_a_bad_one():
         with_overrides(project, {"run.max_steps": "5"}, origin="a test")  # strict: no silent conversion
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_assignment("run.max_steps")
+
+
+@pytest.mark.parametrize("factors", [[0], [0.9, 1.0, 3.0], [-1.1]])
+def test_a_speed_factor_outside_half_to_double_is_a_config_error_naming_the_key(factors):
+    _, project = load_config("ds_configs/omni.json")
+    assert with_overrides(project, {"data.speed_perturb": [0.5, 0.9, 1.1, 2.0]}).data.speed_perturb[-1] == 2.0
+    with pytest.raises(ConfigError, match=r"omni_router\.data\.speed_perturb: .*must lie in \[0\.5, 2\.0\]"):
+        with_overrides(project, [parse_assignment(f"data.speed_perturb={json.dumps(factors)}")])
