@@ -88,3 +88,35 @@ def test_a_stale_lock_file_is_taken_over_only_once_its_heartbeat_is_old_and_its_
     age(path, 11)
     with locks.acquire(tmp_path / ".lock", heartbeat_s=1, use_flock=False):
         assert path.read_text().startswith(f"pid {os.getpid()} ")
+
+
+def test_a_holder_that_exited_unreaped_is_gone_and_its_stale_lock_taken_over(tmp_path, capsys):
+    """A zombie (a child its parent has not reaped, as under a container whose PID 1 does not reap) still has
+    its pid, but holds nothing."""
+    holder = start_holder(tmp_path / ".lock", 60)
+    path = locks.lock_file(tmp_path / ".lock")
+    holder.send_signal(signal.SIGKILL)
+    os.waitid(os.P_PID, holder.pid, os.WEXITED | os.WNOWAIT)  # it has exited; left unreaped: a zombie
+    try:
+        age(path, 11)
+        with locks.acquire(tmp_path / ".lock", heartbeat_s=1, use_flock=False):
+            assert path.read_text().startswith(f"pid {os.getpid()} ")
+        assert f"taking over a stale lock (pid {holder.pid} on {socket.gethostname()}" in capsys.readouterr().out
+    finally:
+        holder.wait()
+
+
+def test_a_lock_naming_a_pid_now_used_by_a_later_process_is_stale_and_taken_over(tmp_path, capsys):
+    """The pid of a holder that is gone, given to a process started after the lock was taken (this one), is
+    not the holder; with a recent start time the same pid keeps its lock."""
+    path = locks.lock_file(tmp_path / ".lock")
+    mine = f"pid {os.getpid()} on {socket.gethostname()}"
+    path.write_text(f"{mine} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    age(path, 11)
+    with pytest.raises(locks.LockBusy, match="the pid is alive on this host"):
+        locks.acquire(tmp_path / ".lock", heartbeat_s=1, use_flock=False)
+    path.write_text(f"{mine} since 2026-01-01 00:00:00\n")  # before this process started
+    age(path, 11)
+    with locks.acquire(tmp_path / ".lock", heartbeat_s=1, use_flock=False):
+        assert path.read_text() != f"{mine} since 2026-01-01 00:00:00\n"
+    assert f"taking over a stale lock ({mine} since 2026-01-01 00:00:00" in capsys.readouterr().out

@@ -134,6 +134,20 @@ def test_changing_the_number_of_ranks_needs_reset_optimizer(tmp_path, corpus, tr
     assert row["lr"] == pytest.approx(scheduled_lr(config, total=20, step=20), rel=1e-9)
 
 
+def test_eval_only_evaluates_a_checkpoint_written_by_another_world_size(tmp_path, corpus, trained):
+    """Evaluation needs no optimizer state: the weights of a 2-rank, ep_size 2 run on 1 rank score as they did."""
+    config = tiny_config(tmp_path, run={"max_steps": 16, "allow_cpu": True}, zero_optimization={"stage": 1},
+                         bf16={"enabled": False}, data={"max_frames_per_rank": 625})  # the trained omni run's
+    out = tmp_path / "run"
+    shutil.copytree(trained["omni"], out, ignore=shutil.ignore_patterns(".lock"))
+    proc = launch(config, corpus, out, 1, ["--eval_only"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "at step 16 (weights only)" in proc.stdout
+    evaluated = json.loads((out / "eval_step16.json").read_text())
+    final = json.loads((out / "results.json").read_text())["dev"]
+    assert {k: v["wer"] for k, v in evaluated["sets"].items()} == {k: v["wer"] for k, v in final["sets"].items()}
+
+
 def scheduled_lr(config: str, total: int, step: int) -> float:
     """The learning rate after ``step`` steps of an uninterrupted run, from DeepSpeed's own scheduler."""
     params = json.loads(open(config).read())["scheduler"]["params"]
