@@ -15,7 +15,7 @@ def corpus(tmp_path_factory):
     """A small slice of the embedded corpus (60 training sentences), made once per test session."""
     from trainer.data.corpus import build_corpus
     out = tmp_path_factory.mktemp("corpus") / "demo"
-    build_corpus(str(out), 60, seed=1234)  # data.corpus_seed's default: the trainer reuses it
+    build_corpus(str(out), 60, seed=1234)  # data.corpus.seed's default: the trainer reuses it
     return out
 
 

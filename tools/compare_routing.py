@@ -333,7 +333,7 @@ def default_tests(config: str) -> list[tuple[str, str]]:
     """The embedded corpus's held-out sets: test (in-domain), test_ood (other voices and text) and the
     out-of-domain suite (``trainer.data.corpus.OOD_SUITE``: one condition changed in each)."""
     _, project = load_config(config)
-    corpus = Path(project.data.corpus_dir).expanduser()
+    corpus = Path(project.data.corpus.dir).expanduser()
     return [(name, str(corpus / f"{name}.jsonl")) for name in ("test", "test_ood", *OOD_SUITE)]
 
 

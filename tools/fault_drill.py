@@ -130,7 +130,7 @@ class Drill:
         if corpus is None:
             from trainer.data.corpus import build_corpus
             corpus = self.work / "corpus"
-            build_corpus(str(corpus), 60, seed=1234)  # data.corpus_seed's default: the trainer reuses it
+            build_corpus(str(corpus), 60, seed=1234)  # data.corpus.seed's default: the trainer reuses it
         self.corpus = Path(corpus)
         self.config = tiny_config(self.work, run={"max_steps": 8, "save_every": 4, "log_every": 2})
         self.env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}

@@ -43,8 +43,8 @@ def tiny_config(folder: Path, mode: str = "omni", run: Optional[dict] = None, **
     cfg.update(ds_extra)
     cfg["omni_router"]["model"].update(d_model=32, num_layers=2, num_heads=2, ffn_dim=64)
     cfg["omni_router"]["data"].pop("augment")  # clean audio unless a test asks: the effects cost the suite minutes
-    cfg["omni_router"]["data"].update(corpus_sentences=60, corpus_words=0, corpus_text="sentences", vocab_size=48,
-                                      batch_frames=2500, **cfg.pop("data", {}))
+    cfg["omni_router"]["data"].setdefault("corpus", {}).update(sentences=60, words=0, text="sentences")
+    cfg["omni_router"]["data"].update(vocab_size=48, batch_frames=2500, **cfg.pop("data", {}))
     cfg["omni_router"]["run"].update({"max_steps": 24, "log_every": 4, **(run or {})})
     cfg["scheduler"]["params"]["warmup_num_steps"] = 5
     path = Path(folder) / f"{mode}-{len(list(Path(folder).glob('*.json')))}.json"

@@ -21,7 +21,7 @@ def main(argv=None) -> int:
                    help="speak only texts of the N most frequent words (0: all; phrases need a list)")
     p.add_argument("--text", choices=("sentences", "phrases"), default="phrases",
                    help="whole usage examples, or the runs of --words words within them")
-    p.add_argument("--seed", type=int, default=1234, help="the trainer's default data.corpus_seed, so it reuses this")
+    p.add_argument("--seed", type=int, default=1234, help="the trainer's default data.corpus.seed, so it reuses this")
     p.add_argument("--workers", type=int, default=0, help="0: one per core")
     args = p.parse_args(argv)
     try:

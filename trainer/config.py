@@ -122,6 +122,25 @@ class AugmentConfig(_Strict):
         return self
 
 
+class CorpusConfig(_Strict):
+    dir: str = Field("~/.cache/omni-router/demo-corpus", description="where the embedded corpus is built")
+    sentences: int = Field(3000, description="training sentences of the embedded corpus (at most)")
+    seed: int = Field(1234, description="the embedded corpus's draw of voices, speeds and pitches (not "
+                                        "run.seed: runs of every seed share one corpus)")
+    words: int = Field(
+        0, description="the embedded corpus speaks only texts made of WordNet's N most frequent example words (0: all)")
+    text: Literal["sentences", "phrases"] = Field(
+        "sentences", description="whole WordNet usage examples, or the runs of data.corpus.words words within them "
+                                 "(many more texts of one word list; needs data.corpus.words)")
+
+    @model_validator(mode="after")
+    def _phrases_need_words(self):
+        """Refuse phrases without a word list here, not minutes into a run when the corpus is built."""
+        if self.text == "phrases" and self.words <= 0:
+            raise ValueError("data.corpus.text 'phrases' needs a word list: set data.corpus.words (e.g. 1000)")
+        return self
+
+
 class DataConfig(_Strict):
     train_manifests: list[str] = Field([], description="NeMo JSON-lines manifests; none: the embedded corpus")
     dev_manifests: list[str] = Field([], description="dev manifests, each its own dev set")
@@ -135,15 +154,8 @@ class DataConfig(_Strict):
                                            "current folder, as Lhotse does)")
     duration_cache: str = Field("~/.cache/omni-router/durations",
                                 description="where durations of Hugging Face datasets are cached (empty: none)")
-    corpus_dir: str = Field("~/.cache/omni-router/demo-corpus", description="where the embedded corpus is built")
-    corpus_sentences: int = Field(3000, description="training sentences of the embedded corpus (at most)")
-    corpus_seed: int = Field(1234, description="the embedded corpus's draw of voices, speeds and pitches (not "
-                                               "run.seed: runs of every seed share one corpus)")
-    corpus_words: int = Field(
-        0, description="the embedded corpus speaks only texts made of WordNet's N most frequent example words (0: all)")
-    corpus_text: Literal["sentences", "phrases"] = Field(
-        "sentences", description="whole WordNet usage examples, or the runs of corpus_words words within them "
-                                 "(many more texts of one word list; needs corpus_words)")
+    corpus: CorpusConfig = Field(CorpusConfig(), description="the embedded corpus, used when no training source "
+                                                             "is given (trainer.data.corpus)")
     vocab_size: int = Field(256, description="sentencepiece pieces (the CTC blank comes on top)")
     tokenizer_sentences: int = Field(
         200000, description="most training texts the tokenizer is trained on (a seeded sample; shards: whole "
@@ -175,12 +187,6 @@ class DataConfig(_Strict):
         if wrong:  # 0 would make an empty utterance, 10 a tenth of one: a typo, not a recipe
             raise ValueError(f"speed factors must lie in [{SPEED_RANGE[0]}, {SPEED_RANGE[1]}], not {wrong}")
         return factors
-
-    @model_validator(mode="after")
-    def _phrases_need_words(self):
-        if self.corpus_text == "phrases" and self.corpus_words <= 0:
-            raise ValueError("corpus_text 'phrases' needs a word list: set corpus_words (e.g. 1000)")
-        return self
 
 
 class RunConfig(_Strict):

@@ -31,9 +31,10 @@ def _prepare_data(plan: RunPlan):
     data, out = project.data, plan.output_dir
     train_m, dev_m = list(data.train_manifests), list(data.dev_manifests)
     if not (train_m or data.train_hf or data.train_cuts or data.train_shards):
-        distributed.on_rank0(lambda: build_corpus(data.corpus_dir, data.corpus_sentences, seed=data.corpus_seed,
-                                                  words=data.corpus_words, text=data.corpus_text), DataError)
-        corpus = Path(data.corpus_dir).expanduser()
+        c = data.corpus
+        distributed.on_rank0(lambda: build_corpus(c.dir, c.sentences, seed=c.seed, words=c.words, text=c.text),
+                             DataError)
+        corpus = Path(c.dir).expanduser()
         train_m = [str(corpus / "train.jsonl")]
         dev_m = dev_m or ([] if data.dev_hf or data.dev_cuts or data.dev_shards else [str(corpus / "dev.jsonl")])
     if not (dev_m or data.dev_hf or data.dev_cuts or data.dev_shards):

@@ -44,7 +44,7 @@ def parse_args(argv=None, description: str = DESCRIPTION) -> argparse.Namespace:
                         "--set moe.lb_coef=0.02 (repeatable; the value is read as JSON, else as a string)")
     p.add_argument("--output_dir", default=None, help="alias of --set run.output_dir=...")
     p.add_argument("--max_steps", type=int, default=None, help="alias of --set run.max_steps=...")
-    p.add_argument("--corpus_dir", default=None, help="alias of --set data.corpus_dir=...")
+    p.add_argument("--corpus_dir", default=None, help="alias of --set data.corpus.dir=...")
     p.add_argument("--strict_data", action="store_true", default=None,
                    help="stop at start-up on any unusable row instead of skipping it")
     p.add_argument("--eval_only", action="store_true",
@@ -79,7 +79,7 @@ def load_project(args):
         if any(sources.get(k) for k in keys):
             sources.update({k: sources.get(k) or [] for k in keys})
     aliases = {"run.output_dir": args.output_dir, "run.max_steps": args.max_steps, **sources,
-               "data.corpus_dir": args.corpus_dir, "data.strict_data": args.strict_data}
+               "data.corpus.dir": args.corpus_dir, "data.strict_data": args.strict_data}
     assignments = [(k, v) for k, v in aliases.items() if v is not None]
     return ds_config, with_overrides(project, assignments + [parse_assignment(a) for a in args.set])
 

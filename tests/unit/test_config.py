@@ -51,10 +51,11 @@ def test_unknown_or_ill_typed_key_is_named(tmp_path, section, key, value, words)
 
 def test_phrases_without_a_word_list_are_refused(tmp_path):
     zero = {"zero_optimization": {"stage": 1}}
-    path = write(tmp_path, {**zero, "omni_router": {"data": {"corpus_text": "phrases"}}})
-    with pytest.raises(ConfigError, match="omni_router.data.*'phrases' needs a word list: set corpus_words"):
+    path = write(tmp_path, {**zero, "omni_router": {"data": {"corpus": {"text": "phrases"}}}})
+    with pytest.raises(ConfigError,
+                       match="omni_router.data.corpus.*'phrases' needs a word list: set data.corpus.words"):
         load_config(path)
-    load_config(write(tmp_path, {**zero, "omni_router": {"data": {"corpus_text": "phrases", "corpus_words": 500}}}))
+    load_config(write(tmp_path, {**zero, "omni_router": {"data": {"corpus": {"text": "phrases", "words": 500}}}}))
 
 
 def test_zero_stage_3_with_moe_is_refused_but_allowed_for_dense(tmp_path):

@@ -3,12 +3,15 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from trainer.data.audio import SAMPLE_RATE, load_audio
-from trainer.data.corpus import (CHANGED, EDGE_S, OOD_SUITE, SPLITS, TRAIN_VARIANTS, TRAIN_VOICES, UNSEEN_ACCENTS,
-                           UNSEEN_VARIANTS, _voice_of, build_corpus, trim_silence, wordnet_phrases,
-                           wordnet_sentences, within, word_list)
+from trainer.data.corpus import (CHANGED, EDGE_S, OOD_SUITE, SPLITS, SPOKEN, SUITE, TRAIN_VARIANTS, TRAIN_VOICES,
+                                 UNSEEN_ACCENTS, UNSEEN_VARIANTS, OodSet, build_corpus, trim_silence, wordnet_phrases,
+                                 wordnet_sentences, within, word_list)
+from trainer.data.corpus.speech import SPLIT_VOICES, _voice_of
+from trainer.data.corpus.suite import Room, Tempo
 
 
 def test_phrases_are_runs_of_listed_words_and_outnumber_whole_sentences():
@@ -72,6 +75,24 @@ def test_training_draws_span_many_voices_speeds_and_shifts_and_never_the_suites_
     held_out = {voice.split("+")[1] for engine, voice, _ in UNSEEN_VARIANTS if engine == "espeak-ng"}
     assert held_out and not held_out & set(TRAIN_VARIANTS)
     assert not {accent(f"e:{v}") for _, v, _ in UNSEEN_ACCENTS} & {accent(f"e:{v}") for _, v, _ in TRAIN_VOICES}
+
+
+def test_the_suite_is_its_table_each_row_spoken_or_one_change_of_the_test_audio_and_the_splits_follow_from_it():
+    assert OOD_SUITE == tuple(row.name for row in SUITE) == ("ood_voices", "ood_accents", "ood_text", "ood_noise",
+                                                              "ood_telephone", "ood_tempo", "ood_reverb")
+    assert len(set(OOD_SUITE)) == len(OOD_SUITE) and not set(OOD_SUITE) & set(SPLIT_VOICES)
+    spoken = [row for row in SUITE if row.voices is not None]
+    changed = [row for row in SUITE if row.change is not None]
+    assert len(spoken) + len(changed) == len(SUITE)  # each row one kind, never both
+    assert all(row.texts == "test" for row in changed) and {row.texts for row in spoken} <= {"test", "glosses"}
+    assert SPOKEN == {**SPLIT_VOICES, **{row.name: row.voices for row in spoken}}
+    assert CHANGED == tuple(row.name for row in changed) and SPLITS == (*SPOKEN, *CHANGED)
+    with pytest.raises(ValueError, match="ood_both"):
+        OodSet("ood_both", texts="test", voices=TRAIN_VOICES, change=Tempo(factors=(0.75,)))
+    with pytest.raises(ValueError, match="ood_neither"):
+        OodSet("ood_neither", texts="test")
+    with pytest.raises(ValueError, match="ood_changed_glosses"):
+        OodSet("ood_changed_glosses", texts="glosses", change=Room(rt60_s=(0.4, 1.0)))
 
 
 def test_trim_silence_keeps_the_sound_and_a_margin_either_side():
