@@ -216,11 +216,15 @@ class ProjectConfig(_Strict):
     run: RunConfig = RunConfig()
 
 
+MOVED = {f"data.corpus_{k}": f"data.corpus.{k}" for k in ("dir", "sentences", "seed", "words", "text")}
+
+
 def _format(err: ValidationError, path: str) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join([SECTION, *(str(p) for p in e["loc"])])
-        lines.append(f"{path}: {key}: {e['msg']}")
+        loc = ".".join(str(p) for p in e["loc"])
+        moved = f" (moved: use {MOVED[loc]})" if loc in MOVED else ""
+        lines.append(f"{path}: {SECTION}.{loc}: {e['msg']}{moved}")
     return "\n".join(lines)
 
 

@@ -73,3 +73,13 @@ def test_preflight_on_two_cpu_ranks_prints_every_section_with_figures(tmp_path, 
                     r"needs \d+ loader process(es|\(es\)) per rank, has 2"):
         assert any(re.search(pattern, v) for v in verdicts), (pattern, verdicts)
     assert (out / "tokenizer.model").exists() and not (out / ".lock").exists()  # the run's start-up, no claim
+
+
+@pytest.mark.parametrize("script", ["tools/preflight.py", "trainer/main.py"])
+def test_without_a_dev_set_every_rank_exits_2_naming_it_and_none_with_a_traceback(tmp_path, corpus, script):
+    """The preflight starts as the run does (``trainer.start``): the same error, exit status and clean end."""
+    proc = launch(tiny_config(tmp_path), corpus, tmp_path / "run", 2,
+                  ["--train_manifest", str(corpus / "train.jsonl")], timeout=180, script=script)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("data error: no dev set: pass --dev_manifest") == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]

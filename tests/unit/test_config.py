@@ -131,3 +131,10 @@ def test_a_speed_factor_outside_half_to_double_is_a_config_error_naming_the_key(
     assert with_overrides(project, {"data.speed_perturb": [0.5, 0.9, 1.1, 2.0]}).data.speed_perturb[-1] == 2.0
     with pytest.raises(ConfigError, match=r"omni_router\.data\.speed_perturb: .*must lie in \[0\.5, 2\.0\]"):
         with_overrides(project, [parse_assignment(f"data.speed_perturb={json.dumps(factors)}")])
+
+
+def test_a_corpus_key_of_an_older_config_names_its_new_place(tmp_path):
+    cfg = json.loads((ROOT / "ds_configs" / "omni.json").read_text())
+    cfg["omni_router"]["data"]["corpus_dir"] = "/data/corpus"
+    with pytest.raises(ConfigError, match=r"omni_router\.data\.corpus_dir: .* \(moved: use data\.corpus\.dir\)"):
+        load_config(write(tmp_path, cfg))
