@@ -22,9 +22,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from trainer.data.sources import DataError, read_sources  # noqa: E402
 from trainer.export import CheckpointError  # noqa: E402
 from trainer.inference import Recognizer  # noqa: E402
-from trainer.data.sources import DataError, read_sources  # noqa: E402
 from trainer.telemetry import contingency, cramers_v, nmi  # noqa: E402
 
 

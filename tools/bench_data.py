@@ -21,8 +21,8 @@ import torch
 
 from tools.make_shards import make_shards
 from trainer.config import DataConfig
-from trainer.data.batches import ShardSet, SpeechDataset, length_batches, loader, padding_fraction
 from trainer.data.audio import SAMPLE_RATE
+from trainer.data.batches import ShardSet, SpeechDataset, length_batches, loader, padding_fraction
 from trainer.data.features import apply_masks, log_mel
 from trainer.data.sources import load_utterance, read_sources
 from trainer.data.text import Tokenizer

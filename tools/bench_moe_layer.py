@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from trainer.runtime import distributed
 from trainer.config import MoEConfig
 from trainer.model.ctc import MoEFeedForward, feed_forward, make_gate
+from trainer.runtime import distributed
 
 
 def parse_args():

@@ -3,11 +3,12 @@
     python tools/bench_step.py                                  # one process (CPU or one GPU)
     deepspeed --num_gpus 2 tools/bench_step.py --ep auto        # expert parallelism over two ranks
 
-Synthetic log-mel batches of fixed shape isolate the model step (forward, backward, optimizer) from data
-loading. Beside each step time: the host syncs of one forward+backward (``trainer.runtime.host_syncs``). Modes are timed in short interleaved rounds (the order rotates every round), so that drift of the
-machine hits all of them alike: a step time is the median over rounds of the mean step in a round, and a ratio
-is the median over rounds of the ratio within a round (paired, so a slow spell of the machine cancels), with the
-quartiles of those per-round ratios beside it.
+Synthetic log-mel batches of fixed shape isolate the model step (forward, backward, optimizer) from data loading.
+Beside each step time: the host syncs of one forward+backward (``trainer.runtime.host_syncs``). Modes are timed in
+short interleaved rounds (the order rotates every round), so that drift of the machine hits all of them alike: a
+step time is the median over rounds of the mean step in a round, and a ratio is the median over rounds of the ratio
+within a round (paired, so a slow spell of the machine cancels), with the quartiles of those per-round ratios beside
+it.
 """
 import argparse
 import os
@@ -16,10 +17,10 @@ import time
 
 import torch
 
-from trainer.runtime import distributed
 from trainer.config import load_config, with_overrides
 from trainer.engine import build_engine, build_model, step_loss
 from trainer.plan import plan_run
+from trainer.runtime import distributed
 from trainer.runtime.host_syncs import count_host_syncs
 
 

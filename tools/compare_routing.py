@@ -40,9 +40,9 @@ from tools.paired_bootstrap import RESAMPLES, Paired, paired_bootstrap  # noqa: 
 from tools.plot_runs import read_metrics  # noqa: E402
 from trainer.config import SECTION, ConfigError, load_config  # noqa: E402
 from trainer.data.corpus import OOD_SUITE  # noqa: E402
+from trainer.data.sources import read_test_set  # noqa: E402
 from trainer.export import consolidate  # noqa: E402
 from trainer.inference import Recognizer  # noqa: E402
-from trainer.data.sources import read_test_set  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("dense", "switch", "omni")

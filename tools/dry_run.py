@@ -38,17 +38,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from tools.gpu_specs import ALIASES, GPU, GPUS, lookup
-from trainer.runtime import distributed
 from trainer.config import ProjectConfig
 from trainer.data.batches import SpeechDataset
+from trainer.data.features import HOP, WINDOW
+from trainer.engine import build_model, step_loss
+from trainer.model.ctc import MoEFeedForward, moe_blocks
+from trainer.model.experts import grouped_mm_fast
+from trainer.plan import RunPlan, plan_run
+from trainer.runtime import distributed
 from trainer.runtime.deepspeed_contract import skip_shm_comm_build
 from trainer.runtime.exits import RunError
-from trainer.engine import build_model, step_loss
-from trainer.model.experts import grouped_mm_fast
-from trainer.data.features import HOP, WINDOW
 from trainer.runtime.host_syncs import SyncLog, count_host_syncs
-from trainer.model.ctc import MoEFeedForward, moe_blocks
-from trainer.plan import RunPlan, plan_run
 
 ROOT = Path(__file__).resolve().parents[1]
 META = torch.device("meta")

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from trainer.data.sources import DataError, read_test_set, set_name
 from trainer.decode import error_rates, utterance_errors
 from trainer.export import CheckpointError
 from trainer.inference import Recognizer
-from trainer.data.sources import DataError, read_test_set, set_name
 
 
 def named(value: str) -> tuple[str, str]:

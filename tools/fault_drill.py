@@ -28,11 +28,11 @@ from typing import Callable, Optional
 import psutil
 import torch
 
+from tools.harness import ROOT, RunsCode, bad_manifest, command, flip_byte, launch, no_flock_env, tiny_config
 from trainer import checkpoint
 from trainer.runtime import integrity, locks
-from trainer.runtime.locks import OUTPUT_LOCK as LOCK
 from trainer.runtime.deepspeed_contract import EXPERT_FILE, MODEL_STATES
-from tools.harness import ROOT, RunsCode, bad_manifest, command, flip_byte, launch, no_flock_env, tiny_config
+from trainer.runtime.locks import OUTPUT_LOCK as LOCK
 
 LONG = 400  # max_steps of a run that is stopped on purpose
 # A trainer whose checkpoint publication (the last act of a save) sleeps after the first one: a save that

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import soundfile as sf
 
-from trainer.data.audio import SAMPLE_RATE
 from trainer.config import HFSource
+from trainer.data.audio import SAMPLE_RATE
 from trainer.data.sources import DataError, load_utterance, read_sources
 
 

@@ -43,6 +43,8 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param
 
+from tools import gpu_specs
+from tools.dry_run import FRAMES_PER_S, dry_run, sync_budget, synthetic_batch
 from trainer.config import ModelConfig, MoEConfig
 from trainer.data.batches import epoch_batches, loader
 from trainer.engine import step_loss
@@ -53,8 +55,6 @@ from trainer.runtime.exits import RunError
 from trainer.runtime.host_syncs import count_host_syncs, cuda_syncs
 from trainer.runtime.stopping import launcher_chain
 from trainer.start import load_project, parse_args as start_args, start
-from tools import gpu_specs
-from tools.dry_run import FRAMES_PER_S, dry_run, sync_budget, synthetic_batch
 
 
 

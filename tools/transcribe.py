@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from trainer.data.sources import DataError, read_sources
 from trainer.export import CheckpointError
 from trainer.inference import Recognizer, audio_utterances
-from trainer.data.sources import DataError, read_sources
 
 
 def main(argv=None) -> int:

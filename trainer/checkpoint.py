@@ -22,11 +22,11 @@ from typing import Optional
 import deepspeed
 import torch
 
-from trainer.runtime import distributed, integrity
-from trainer.runtime.exits import ToFix
-from trainer.runtime.deepspeed_contract import MODEL_STATES, SAFE_GLOBALS, loading_ranks, set_schedule_position
-from trainer.plan import RunPlan
 from trainer.data.text import tokenizer_problem
+from trainer.plan import RunPlan
+from trainer.runtime import distributed, integrity
+from trainer.runtime.deepspeed_contract import MODEL_STATES, SAFE_GLOBALS, loading_ranks, set_schedule_position
+from trainer.runtime.exits import ToFix
 
 RECORD = "complete.json"
 TOKENIZER, CMVN = "tokenizer.model", "cmvn.json"  # beside the checkpoints in a run's folder, and copied into each

@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint
-from trainer.runtime import distributed
-from trainer.data.corpus import build_corpus
 from trainer.data.batches import ShardSet, SpeechDataset, describe, tokenizer_sample
-from trainer.runtime.distributed import log0
-from trainer.plan import RunPlan
+from trainer.data.corpus import build_corpus
 from trainer.data.sources import DataError, read_sources, set_name
 from trainer.data.text import Tokenizer
+from trainer.plan import RunPlan
+from trainer.runtime import distributed
+from trainer.runtime.distributed import log0
 
 
 def prepare_data(plan: RunPlan) -> tuple[SpeechDataset, dict, Tokenizer]:

@@ -2,8 +2,8 @@
 import jiwer
 import torch
 
-from trainer.model.ctc import BLANK
 from trainer.data.text import normalize
+from trainer.model.ctc import BLANK
 
 
 def greedy_labels(log_probs: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:

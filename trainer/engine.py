@@ -7,9 +7,9 @@ import deepspeed
 import torch
 
 from trainer.model import objective
-from trainer.runtime.deepspeed_contract import install_checkpoint_engine
 from trainer.model.ctc import CTCModel, ModelOutput
 from trainer.plan import RunPlan
+from trainer.runtime.deepspeed_contract import install_checkpoint_engine
 
 
 def build_model(plan: RunPlan, vocab_size: int) -> CTCModel:

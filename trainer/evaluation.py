@@ -8,11 +8,11 @@ from typing import Callable, Optional
 
 import torch
 
-from trainer.runtime import distributed
-from trainer.runtime.exits import RunError
 from trainer.data.batches import SpeechDataset, length_batches, loader, shard
 from trainer.decode import error_rates, greedy_labels
 from trainer.engine import forward
+from trainer.runtime import distributed
+from trainer.runtime.exits import RunError
 from trainer.telemetry import RoutingMeter
 
 

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer import checkpoint
-from trainer.runtime import integrity
-from trainer.runtime.exits import ToFix
 from trainer.config import ProjectConfig
-from trainer.runtime.deepspeed_contract import EXPERT_FILE, EXPERT_PARAM, MODEL_STATES, SAFE_GLOBALS, expert_file
 from trainer.model.ctc import CTCModel, moe_blocks
+from trainer.runtime import integrity
+from trainer.runtime.deepspeed_contract import EXPERT_FILE, EXPERT_PARAM, MODEL_STATES, SAFE_GLOBALS, expert_file
+from trainer.runtime.exits import ToFix
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 FORMAT = "omni-router-consolidated/1"

@@ -11,12 +11,12 @@ import torch
 
 from trainer import checkpoint
 from trainer.config import ProjectConfig, with_overrides
-from trainer.plan import plan_run
 from trainer.data.batches import SpeechDataset, length_batches, loader
-from trainer.decode import greedy_labels
-from trainer.export import load_consolidated
 from trainer.data.sources import Utterance
 from trainer.data.text import Tokenizer
+from trainer.decode import greedy_labels
+from trainer.export import load_consolidated
+from trainer.plan import plan_run
 
 
 def audio_utterances(paths: list[str]) -> list[Utterance]:

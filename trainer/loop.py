@@ -12,16 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.runtime import distributed
 from trainer.checkpoint import Checkpointer, Record
 from trainer.data.batches import (SamplerState, SpeechDataset, describe, epoch_batches, length_batches, loader,
-                          padding_fraction, with_last)
-from trainer.runtime.distributed import log0
-from trainer.runtime.exits import REQUEUE, RunError
+                                  padding_fraction, with_last)
 from trainer.engine import step_loss
 from trainer.evaluation import evaluate_dev_sets
 from trainer.model.ctc import moe_blocks
 from trainer.plan import RunPlan
+from trainer.runtime import distributed
+from trainer.runtime.distributed import log0
+from trainer.runtime.exits import REQUEUE, RunError
 from trainer.runtime.stopping import StopSignal
 from trainer.telemetry import RunLogger, TrainMeter
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.runtime import deepspeed_config
 from trainer.config import SECTION, ConfigError, DataConfig, MoEConfig, ProjectConfig
+from trainer.runtime import deepspeed_config
 from trainer.runtime.deepspeed_contract import ep_rank
 
 

@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 from tests.support.builders import batch, ds_dict, run_tool as tool, tiny_plan
 from tests.support.ranks import run_ranks
 from tools.harness import launch, tiny_config
-from trainer.runtime.deepspeed_contract import MODEL_STATES
 from trainer.config import ProjectConfig
 from trainer.engine import build_engine, build_model
 from trainer.export import load_consolidated
+from trainer.runtime.deepspeed_contract import MODEL_STATES
 
 pytestmark = pytest.mark.slow
 

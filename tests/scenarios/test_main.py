@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 
 from tests.support.builders import run_tool
 from tools.harness import ROOT, bad_manifest, launch, site_env, tiny_config
-from trainer.runtime.deepspeed_contract import MODEL_STATES
 from tools.make_cuts import make_cuts
 from tools.make_shards import make_shards
 from trainer.data.batches import ShardSet
 from trainer.data.sources import read_manifest
+from trainer.runtime.deepspeed_contract import MODEL_STATES
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ from typing import Callable, Optional
 
 import torch
 
-from trainer.data import effects
 from trainer.config import AugmentConfig
+from trainer.data import effects
 
 BABBLE_VOICES = 3
 

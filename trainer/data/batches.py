@@ -16,8 +16,8 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from trainer.data.augment import BABBLE_VOICES, WaveAugment
 from trainer.config import AugmentConfig, DataConfig
+from trainer.data.augment import BABBLE_VOICES, WaveAugment
 from trainer.data.features import Features, speed_perturb
 from trainer.data.sources import Utterance, load_utterance, read_shard, shard_files
 from trainer.data.text import Tokenizer

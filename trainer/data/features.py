@@ -12,8 +12,8 @@ from functools import lru_cache
 import torch
 import torchaudio
 
-from trainer.data.audio import SAMPLE_RATE
 from trainer.config import DataConfig, SpecAugmentConfig
+from trainer.data.audio import SAMPLE_RATE
 
 WINDOW, HOP, FFT = 400, 160, 512  # samples: 25 ms, 10 ms at 16 kHz; the FFT of a window zero-padded to 2^9
 NO_MASKS = SpecAugmentConfig(freq_masks=0, time_masks=0)

@@ -19,8 +19,8 @@ from typing import Optional
 
 import soundfile as sf
 
-from trainer.data.audio import load_audio
 from trainer.config import HFSource
+from trainer.data.audio import load_audio
 from trainer.data.text import normalize
 from trainer.runtime.exits import ToFix
 

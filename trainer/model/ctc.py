@@ -13,11 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 
-from trainer.runtime import distributed
 from trainer.config import ModelConfig, MoEConfig
-from trainer.runtime.deepspeed_contract import gate_of, install_experts, install_gate, local_experts
 from trainer.model.experts import GroupedExperts, dropless_moe, grouped_mm_fast
 from trainer.model.routing import RouteCall, RouterGate, RoutingStats
+from trainer.runtime import distributed
+from trainer.runtime.deepspeed_contract import gate_of, install_experts, install_gate, local_experts
 
 BLANK = 0
 

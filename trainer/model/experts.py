@@ -23,7 +23,8 @@ from deepspeed.moe.experts import Experts
 
 from trainer.runtime import distributed
 
-PER_EXPERT_KEYS = {"w1": "0.weight", "b1": "0.bias", "w2": "2.weight", "b2": "2.bias"}  # in nn.Sequential(Linear, ReLU, Linear)
+# the names in nn.Sequential(Linear, ReLU, Linear)
+PER_EXPERT_KEYS = {"w1": "0.weight", "b1": "0.bias", "w2": "2.weight", "b2": "2.bias"}
 
 
 class GroupedExperts(Experts):

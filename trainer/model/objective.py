@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trainer.runtime import distributed
 from trainer.config import MoEConfig
 from trainer.model.ctc import BLANK, ModelOutput
+from trainer.runtime import distributed
 
 
 def ctc_sums(out: ModelOutput, targets: torch.Tensor, target_lengths: torch.Tensor,

@@ -49,7 +49,8 @@ def missing_gpus(under_deepspeed_launcher: bool) -> str:
     driver = Path("/proc/driver/nvidia/version")
     found = driver.read_text().splitlines()[0].strip() if driver.exists() else "no NVIDIA kernel driver loaded"
     said = "; ".join(str(w.message).strip() for w in caught)
-    build = f"torch {torch.__version__} built for CUDA {cuda}" if cuda else f"torch {torch.__version__}, a CPU-only build"
+    version = torch.__version__
+    build = f"torch {version} built for CUDA {cuda}" if cuda else f"torch {version}, a CPU-only build"
     return (f"GPUs were allocated ({', '.join(f'{k}={v}' for k, v in allocated.items())}) but {build} sees no "
             f"usable CUDA device{f' ({said})' if said else ''}. This build needs {needs}; this node: {found}. "
             "Install the torch build for your driver's CUDA version (https://pytorch.org/get-started/locally), "

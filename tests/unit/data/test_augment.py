@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tests.support.audio import band_share, tone
+from trainer.config import AugmentConfig, DataConfig
 from trainer.data import effects
 from trainer.data.augment import WaveAugment
-from trainer.config import AugmentConfig, DataConfig
 from trainer.data.batches import SpeechDataset
 from trainer.data.sources import read_manifest
 from trainer.data.text import Tokenizer

@@ -12,8 +12,8 @@ from tests.support.audio import tone_samples, write_manifest
 from tools.make_cuts import make_cuts
 from tools.make_shards import make_shards
 from trainer.config import DataConfig, HFSource
-from trainer.data.batches import ShardSet, SpeechDataset
 from trainer.data.audio import load_audio
+from trainer.data.batches import ShardSet, SpeechDataset
 from trainer.data.sources import DataError, read_cuts, read_manifest, read_shards, read_sources, tar_index
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tests.support.builders import (VOCAB, batch, build, fill_weights, local_loss, queued_gpu_seed, tiny_project,
-                                   union)
-from trainer.runtime.deepspeed_contract import local_experts
+                                    union)
 from trainer.model.ctc import CTCModel, cape_positions
+from trainer.runtime.deepspeed_contract import local_experts
 
 
 def expected_params(p) -> int:

@@ -5,8 +5,8 @@ import torch
 from deepspeed.moe.experts import Experts
 
 from tests.support.builders import VOCAB, batch, fill_weights, tiny_project
-from trainer.model.experts import GroupedExperts, dropless_moe, expert_ffn
 from trainer.model.ctc import CTCModel, feed_forward
+from trainer.model.experts import GroupedExperts, dropless_moe, expert_ffn
 
 
 def experts_and_modules(n: int, d: int = 16, f: int = 24, seed: int = 0):

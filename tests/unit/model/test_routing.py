@@ -6,7 +6,7 @@ import torch
 from deepspeed.moe.sharded_moe import top1gating, top2gating
 
 from trainer.model.routing import (RoutingStats, assign_slots, choose_experts, chosen_probs, gate_values, route,
-                             router_probs, train_capacity)
+                                   router_probs, train_capacity)
 
 
 def logits(S=40, E=4, seed=0) -> torch.Tensor:
