@@ -360,7 +360,7 @@ class Checkpointer:
                               + "; ".join(model) + f"): {str(e).splitlines()[0]}") from None
         self.best = record.best
         distributed.log0(f"resumed from {self.dir / newest} at step {self.engine.global_steps}"
-                         + (" (weights only)" if weights_only else " (optimizer reset)" if reset_optimizer else ""))
+                         + (" (optimizer reset)" if reset_optimizer else ""))
         return record
 
     def newest_verified(self, world_size: int, ep_size: int, num_experts: int) -> tuple[str, list[str]]:

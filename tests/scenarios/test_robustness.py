@@ -142,7 +142,7 @@ def test_eval_only_evaluates_a_checkpoint_written_by_another_world_size(tmp_path
     shutil.copytree(trained["omni"], out, ignore=shutil.ignore_patterns(".lock"))
     proc = launch(config, corpus, out, 1, ["--eval_only"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "at step 16 (weights only)" in proc.stdout
+    assert f"resumed from {out / 'checkpoints' / 'step16'} at step 16\n" in proc.stdout
     evaluated = json.loads((out / "eval_step16.json").read_text())
     final = json.loads((out / "results.json").read_text())["dev"]
     assert {k: v["wer"] for k, v in evaluated["sets"].items()} == {k: v["wer"] for k, v in final["sets"].items()}
