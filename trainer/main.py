@@ -1,7 +1,7 @@
 """``deepspeed trainer/main.py --deepspeed_config ds_configs/omni.json``: the file launchers run.
 
 The run itself is ``trainer.run.main``. Run as a file, Python puts this folder first on ``sys.path``, where
-``config.py``, ``data.py`` or ``text.py`` would shadow any library of that name; the repository root takes its
+``config.py``, ``data/`` or ``model/`` would shadow any library of that name; the repository root takes its
 place, so the package is imported as a package (installed or not).
 """
 import os
