@@ -86,14 +86,21 @@ class Run:
         return False
 
     def rank(self, local_rank: int) -> psutil.Process:
-        for child in psutil.Process(self.proc.pid).children(recursive=True):
-            if f"--local_rank={local_rank}" in " ".join(child.cmdline()):
-                return child
-        raise RuntimeError(f"no rank {local_rank} under the launcher")
+        return self._child(f"--local_rank={local_rank}", f"no rank {local_rank} under the launcher")
 
     def launcher(self) -> psutil.Process:
-        return next(c for c in psutil.Process(self.proc.pid).children(recursive=True)
-                    if "deepspeed.launcher.launch" in c.cmdline())
+        return self._child("deepspeed.launcher.launch", "no launcher under the runner")
+
+    def _child(self, marker: str, missing: str) -> psutil.Process:
+        """The process under the runner whose command line holds ``marker``. A child that has exited (a zombie
+        this VM's init has not reaped yet, or one gone meanwhile) has no command line: it is passed over."""
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if marker in " ".join(child.cmdline()):
+                    return child
+            except (psutil.ZombieProcess, psutil.NoSuchProcess):
+                continue
+        raise RuntimeError(missing)
 
     def finish(self, timeout: float = 300) -> int:
         """The runner's exit status once it and every process it started are gone; the rest of the output."""
