@@ -3,7 +3,7 @@
 0 done; 1 a failure in training; 2 a configuration, data, lock or checkpoint for the user to fix; 75 stopped on a
 signal after a save ("temporary failure": a scheduler may run it again).
 """
-DONE, FAILED, TO_FIX, REQUEUE = 0, 1, 2, 75
+FAILED, TO_FIX, REQUEUE = 1, 2, 75  # 0, done, is a return, not an error
 
 
 class RunError(Exception):
