@@ -70,6 +70,7 @@ class Record:
     ep_size: int = 1
     optimizer_state: bool = True  # False: weights only, the optimizer starts afresh
     finished: bool = False  # the final checkpoint of a run that reached run.max_steps
+    dev_wer: Optional[float] = None  # mean dev WER of the evaluation at this step (None: saved without one)
 
     @classmethod
     def from_saved(cls, saved: dict) -> "Record":
@@ -303,9 +304,12 @@ class Checkpointer:
         self.keep_last, self.timeout_s = plan.project.run.keep_last, plan.project.run.checkpoint_timeout_s
         self.dir = self.out_dir / "checkpoints"
         self.best = {"wer": math.inf, "tag": ""}
+        self.dev_wer = {"step": -1, "wer": None}  # the last evaluation's step and mean dev WER
 
     def note_evaluation(self, mean_wer: float):
-        """Remember the checkpoint about to be saved at this step if its dev WER is the best so far."""
+        """Remember the dev WER of the checkpoint about to be saved at this step (in its record, and as the best
+        so far when it is)."""
+        self.dev_wer = {"step": self.engine.global_steps, "wer": mean_wer}
         if mean_wer < self.best["wer"]:
             self.best = {"wer": mean_wer, "tag": f"step{self.engine.global_steps}"}
 
@@ -314,7 +318,9 @@ class Checkpointer:
         keep = {self.best["tag"]} if self.best["tag"] else set()
         extra = [f for f in (self.out_dir / TOKENIZER, self.out_dir / CMVN) if f.exists()]
         with distributed.timeout(self.timeout_s):  # ranks wait for the slowest writer at its barriers
-            tag = save(self.engine, self.dir, replace(record, best=self.best), self.keep_last, keep, extra)
+            evaluated = self.dev_wer["wer"] if self.dev_wer["step"] == self.engine.global_steps else None
+            tag = save(self.engine, self.dir, replace(record, best=self.best, dev_wer=evaluated), self.keep_last,
+                       keep, extra)
         distributed.log0(f"saved checkpoint {self.dir / tag}")
         return tag
 
