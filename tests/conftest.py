@@ -22,7 +22,8 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, corpus):
     """Two short runs on two ranks with ep_size 2 through the real launcher: omni (ZeRO 1, fp32, dropless as
-    shipped, two micro-batches per step) and switch (ZeRO 2, bf16, capacity mode). The omni run is given a GPU
+    shipped, two micro-batches per step) and switch (ZeRO 2, bf16, capacity mode), each evaluated and saved at
+    steps 8 and 16. The omni run is given a GPU
     allocation torch cannot use, and trains on the CPU on purpose (``run.allow_cpu``). The switch run's ranks
     find no flock, as on Lustre or NFS without locking (``tools.harness.no_flock_env``): its corpus and output
     folder are locked with lock files, which are gone when it ends."""
@@ -31,8 +32,9 @@ def trained(tmp_path_factory, corpus):
     runs = {}
     for mode, stage, bf16 in (("omni", 1, False), ("switch", 2, True)):
         omni = mode == "omni"
-        config = tiny_config(base, mode, run={"max_steps": 16, "allow_cpu": omni}, zero_optimization={"stage": stage},
-                             bf16={"enabled": bf16}, data={"max_frames_per_rank": 625 if omni else 0})
+        config = tiny_config(base, mode, run={"max_steps": 16, "eval_every": 8, "allow_cpu": omni},
+                             zero_optimization={"stage": stage}, bf16={"enabled": bf16},
+                             data={"max_frames_per_rank": 625 if omni else 0})
         proc = launch(config, corpus, base / mode, 2, [] if omni else ["--set", "moe.dropless=false"],
                       env={**os.environ, "SLURM_STEP_GPUS": "0"} if omni else no_flock_env(base))
         assert proc.returncode == 0, proc.stderr[-3000:]

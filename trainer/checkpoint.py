@@ -245,9 +245,9 @@ def publish(ckpt_dir: Path, tag: str, digests: dict):
     _atomic_write(ckpt_dir / "latest", tag)
 
 
-def save(engine, ckpt_dir: Path, record: Record, keep_last: int, keep: set, extra_files: list) -> str:
+def save(engine, ckpt_dir: Path, record: Record, keep: "Keep", extra_files: list) -> str:
     """Write a checkpoint on every rank with copies of ``extra_files`` (tokenizer, statistics), then publish
-    it; keep the newest ``keep_last`` and those in ``keep``."""
+    it; prune the others to those ``keep`` keeps."""
     tag = f"step{engine.global_steps}"
     if _rank0() and (ckpt_dir / tag).exists():  # a leftover of a crashed save with this step
         shutil.rmtree(ckpt_dir / tag)
@@ -262,12 +262,35 @@ def save(engine, ckpt_dir: Path, record: Record, keep_last: int, keep: set, extr
         for f in extra_files:
             shutil.copyfile(f, ckpt_dir / tag / Path(f).name)
         publish(ckpt_dir, tag, digests)
-        saved = tags(ckpt_dir)
-        for old in saved[:-keep_last] if keep_last > 0 else []:
-            if old not in keep and old != tag:
+        kept = keep.tags(ckpt_dir) | {tag}
+        for old in tags(ckpt_dir):
+            if old not in kept:
                 shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     distributed.barrier()
     return tag
+
+
+@dataclass
+class Keep:
+    """Which checkpoints a run keeps: the newest ``last`` (0: all), the ``best`` with the lowest mean dev WER in
+    their records, and ``also`` (the best of a run written before records held their WER)."""
+    last: int
+    best: int
+    also: set
+
+    def tags(self, ckpt_dir: Path) -> set:
+        """The tags to keep among those on disk (records read memory-mapped; an unreadable one is not scored)."""
+        present = tags(ckpt_dir)
+        scored = []
+        for tag in present:
+            try:
+                wer = read_record(ckpt_dir, tag).dev_wer
+            except Exception:  # a damaged checkpoint: pruned like any unscored one
+                continue
+            if wer is not None:
+                scored.append((wer, -step_of(tag), tag))
+        newest = present if self.last == 0 else present[-self.last:]
+        return set(newest) | {tag for *_, tag in sorted(scored)[:self.best]} | (self.also & set(present))
 
 
 def _rng_states() -> dict:
@@ -296,12 +319,12 @@ def load(engine, ckpt_dir: Path, tag: str, load_optimizer: bool = True) -> Recor
 
 
 class Checkpointer:
-    """The run's checkpoint policy over one engine: saves with the run's files, keeps the newest ``keep_last``
-    and the best by mean dev WER, and resumes from the newest usable checkpoint."""
+    """The run's checkpoint policy over one engine: saves with the run's files, keeps the newest ``run.keep_last``
+    and the ``run.keep_best`` best by mean dev WER, and resumes from the newest usable checkpoint."""
 
     def __init__(self, engine, plan: RunPlan):
         self.engine, self.plan, self.out_dir = engine, plan, plan.output_dir
-        self.keep_last, self.timeout_s = plan.project.run.keep_last, plan.project.run.checkpoint_timeout_s
+        self.timeout_s = plan.project.run.checkpoint_timeout_s
         self.dir = self.out_dir / "checkpoints"
         self.best = {"wer": math.inf, "tag": ""}
         self.dev_wer = {"step": -1, "wer": None}  # the last evaluation's step and mean dev WER
@@ -315,12 +338,12 @@ class Checkpointer:
 
     def save(self, record: Record) -> str:
         """Save a verified checkpoint with the run's files, then prune to the newest and the best; its tag."""
-        keep = {self.best["tag"]} if self.best["tag"] else set()
+        run = self.plan.project.run
+        keep = Keep(run.keep_last, run.keep_best, {self.best["tag"]} if self.best["tag"] else set())
         extra = [f for f in (self.out_dir / TOKENIZER, self.out_dir / CMVN) if f.exists()]
         with distributed.timeout(self.timeout_s):  # ranks wait for the slowest writer at its barriers
             evaluated = self.dev_wer["wer"] if self.dev_wer["step"] == self.engine.global_steps else None
-            tag = save(self.engine, self.dir, replace(record, best=self.best, dev_wer=evaluated), self.keep_last,
-                       keep, extra)
+            tag = save(self.engine, self.dir, replace(record, best=self.best, dev_wer=evaluated), keep, extra)
         distributed.log0(f"saved checkpoint {self.dir / tag}")
         return tag
 

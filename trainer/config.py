@@ -195,7 +195,9 @@ class RunConfig(_Strict):
     log_every: int = Field(25, description="steps between training log rows")
     eval_every: int = Field(0, description="steps between evaluations, each with a checkpoint (0: at the end)")
     save_every: int = Field(0, description="steps between checkpoints besides evaluations (0: none)")
-    keep_last: int = Field(3, description="newest checkpoints kept, besides the best by dev WER")
+    keep_last: int = Field(3, ge=0, description="newest checkpoints kept, besides the best by dev WER (0: all)")
+    keep_best: int = Field(1, ge=1, description="checkpoints kept with the lowest mean dev WER, besides the newest "
+                                                "(what consolidate_checkpoint.py --average_best averages)")
     max_bad_steps: int = Field(5, description="non-finite losses or gradients in a row before the run stops")
     seed: int = Field(1234, description="weights, data order, augmentation")
     collective_timeout_s: float = Field(

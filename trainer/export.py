@@ -52,11 +52,13 @@ def find_checkpoint(path: str) -> Path:
     raise CheckpointError(f"{p}: not a DeepSpeed checkpoint (no {MODEL_STATES}, no stepN folders)")
 
 
-def read_deepspeed(tag_dir: Path) -> tuple[dict, dict]:
-    """(every weight by its one-rank name in fp32, DeepSpeed's saved dict with the trainer's client state)."""
+def read_deepspeed(tag_dir: Path) -> tuple[dict, dict, dict]:
+    """(every weight by its one-rank name in fp32, DeepSpeed's saved dict with the trainer's client state, the
+    dtype each weight was saved in)."""
     saved = integrity.load(tag_dir / MODEL_STATES, SAFE_GLOBALS)
     if not isinstance(saved, dict) or "project_config" not in saved:
         raise CheckpointError(f"{tag_dir / MODEL_STATES}: not written by this trainer (no project_config)")
+    dtypes = {k: v.dtype for k, v in saved["module"].items()}
     state = {k: v.float() for k, v in saved["module"].items()}
     project = ProjectConfig.model_validate(saved["project_config"])
     found = {}
@@ -71,8 +73,10 @@ def read_deepspeed(tag_dir: Path) -> tuple[dict, dict]:
         raise CheckpointError(f"{tag_dir}: expert files do not match the config ({n_layers} MoE layers x "
                               f"{project.moe.num_experts} experts); missing (layer, expert): {missing[:8]}")
     for key in sorted(found):
-        state.update({k: v.float() for k, v in integrity.load(found[key], []).items()})
-    return state, saved
+        expert = integrity.load(found[key], [])
+        dtypes.update({k: v.dtype for k, v in expert.items()})
+        state.update({k: v.float() for k, v in expert.items()})
+    return state, saved, dtypes
 
 
 def aliases(model: torch.nn.Module) -> dict:
@@ -100,9 +104,16 @@ def build(project: ProjectConfig, vocab_size: int, state: dict, origin: str) -> 
 
 
 def consolidate(src: str, out_dir: str) -> Path:
-    """DeepSpeed checkpoint (any ep_size, ZeRO 1 or 2, fp32 or bf16) -> consolidated folder; returns it."""
+    """DeepSpeed checkpoint (any ep_size, ZeRO 1 or 2, fp32 or bf16) -> consolidated folder holding the weights
+    the run evaluated; returns it."""
     tag_dir = find_checkpoint(src)
-    state, saved = read_deepspeed(tag_dir)
+    state, saved, _ = read_deepspeed(tag_dir)
+    return write_consolidated(state, saved, tag_dir, out_dir)
+
+
+def write_consolidated(state: dict, saved: dict, tag_dir: Path, out_dir: str, **meta) -> Path:
+    """A consolidated folder of ``state`` (one-rank names, fp32) with the config, tokenizer and statistics of the
+    checkpoint ``tag_dir`` (``saved``: its dense states); ``meta`` goes into config.json beside them."""
     project = ProjectConfig.model_validate(saved["project_config"])
     vocab = saved["module"]["head.weight"].shape[0] - 1
     model = build(project, vocab, state, str(tag_dir))
@@ -118,7 +129,8 @@ def consolidate(src: str, out_dir: str) -> Path:
     for name, path in files.items():
         shutil.copyfile(path, out / name)
     meta = {"format": FORMAT, "project_config": saved["project_config"], "vocab_size": vocab,
-            "step": saved.get("global_steps"), "source": str(tag_dir.resolve()), "cmvn": checkpoint.CMVN in files}
+            "step": saved.get("global_steps"), "source": str(tag_dir.resolve()), "cmvn": checkpoint.CMVN in files,
+            **meta}
     (out / CONFIG).write_text(json.dumps(meta, indent=1))
     return out
 
@@ -154,7 +166,7 @@ def to_deepspeed(src: str, ep_size: int, out_dir: str) -> Path:
     """A DeepSpeed checkpoint for ``ep_size`` that the trainer resumes from (``--output_dir out_dir``) with a
     fresh optimizer: the weights of ``src``, experts by global id, the config's ep_size set to ``ep_size``."""
     tag_dir = find_checkpoint(src)
-    state, saved = read_deepspeed(tag_dir)
+    state, saved, _ = read_deepspeed(tag_dir)
     project = saved["project_config"]
     if project["moe"]["mode"] != "dense" and project["moe"]["num_experts"] % ep_size:
         raise CheckpointError(f"--ep_size {ep_size} does not divide num_experts ({project['moe']['num_experts']})")

@@ -136,3 +136,24 @@ def test_newest_usable_falls_back_to_the_newest_checkpoint_that_verifies_and_say
     tag, warnings = checkpoint.newest_usable(tmp_path)
     assert tag == "" and len(warnings) == 4 and warnings[-1].endswith("incomplete (no complete.json; the save did "
                                                                       "not finish)")
+
+
+def scored_checkpoint(ckpt_dir, tag: str, dev_wer):
+    """A checkpoint folder whose dense states hold a record with ``dev_wer`` (None: saved without evaluation)."""
+    (ckpt_dir / tag).mkdir(parents=True)
+    record = checkpoint.Record(project_config={}, step=checkpoint.step_of(tag), dev_wer=dev_wer)
+    torch.save(record.client_state(), ckpt_dir / tag / checkpoint.MODEL_STATES)
+
+
+def test_the_run_keeps_its_newest_and_its_best_scored_checkpoints_and_prunes_the_rest(tmp_path):
+    wers = {"step10": 40.0, "step20": None, "step30": 31.0, "step40": 35.0, "step50": 31.0, "step60": None,
+            "step70": 33.0, "step80": None}
+    for tag, wer in wers.items():
+        scored_checkpoint(tmp_path, tag, wer)
+    keep = checkpoint.Keep(last=2, best=3, also=set())
+    # Best three by WER (the newer of two equal first): step50, step30, step70; and the newest two: step70, step80.
+    assert keep.tags(tmp_path) == {"step50", "step30", "step70", "step80"}
+    assert checkpoint.Keep(last=1, best=1, also=set()).tags(tmp_path) == {"step50", "step80"}
+    assert checkpoint.Keep(last=0, best=1, also=set()).tags(tmp_path) == set(wers)
+    # The best of a run written before records held their WER is kept by its name.
+    assert checkpoint.Keep(last=1, best=1, also={"step20", "step99"}).tags(tmp_path) == {"step80", "step50", "step20"}
