@@ -2,22 +2,28 @@
 
     python tools/evaluate.py --model dense=models/dense --model switch=models/switch --model omni=models/omni \\
         --test clean=test_clean.jsonl --test other=test_other.jsonl --out results/wer
+    python tools/evaluate.py --model omni=models/omni --test dev.jsonl --decoder beam --lm lm/3gram.arpa \\
+        --out results/lm
 
 A test set is a NeMo manifest or a Lhotse cut set (e.g. libriheavy_cuts_test_clean.jsonl.gz, with --cuts_root).
 One row per model, one WER and one CER column per test set, then the averages, as in the paper's tables
-(CER beside it: at small scale it is the informative one). Scored with jiwer on the trainer's own text
-normaliser; an utterance whose audio cannot be read is left out and counted.
+(CER beside it: at small scale it is the informative one); PREFIX.json adds the counts and the seconds each
+model took per set. Scored with jiwer on the trainer's own text normaliser; an utterance whose audio cannot be
+read is left out and counted. The decoding flags are tools/transcribe.py's (``--decoder beam``, ``--lm``,
+``--roster``, ...).
 """
 import argparse
 import csv
+import json
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
 from trainer.data.sources import DataError, read_test_set, set_name
 from trainer.decode import error_rates, utterance_errors
 from trainer.export import CheckpointError
-from trainer.inference import Recognizer
+from trainer.inference import Recognizer, decoding_arguments, decoding_settings
 
 
 def named(value: str) -> tuple[str, str]:
@@ -29,11 +35,14 @@ def named(value: str) -> tuple[str, str]:
 def score(recognizer: Recognizer, utts: list, max_frames: Optional[int]) -> dict:
     """WER, CER and counts of one model on one test set, and each utterance's (word errors, reference words)
     keyed by its index in ``utts`` (what a paired comparison of two models resamples)."""
+    started = time.perf_counter()
     texts = recognizer.transcribe(utts, max_frames)
+    seconds = time.perf_counter() - started
     refs = [utts[i].text for i in sorted(texts)]
     hyps = [texts[i] for i in sorted(texts)]
     rates = error_rates(refs, hyps) if refs else {"wer": float("nan"), "cer": float("nan")}
-    return {**rates, "utterances": len(texts), "unreadable": len(utts) - len(texts),
+    return {**rates, "utterances": len(texts), "unreadable": len(utts) - len(texts), "seconds": seconds,
+            "audio_seconds": sum(utts[i].duration for i in texts),
             "utterance_errors": {str(i): e for i, e in zip(sorted(texts), utterance_errors(refs, hyps))}}
 
 
@@ -61,11 +70,13 @@ def main(argv=None) -> int:
     p.add_argument("--max_frames", type=int, default=None,
                    help="padded 10 ms frames per batch (default: one rank's micro-batch of the run; "
                         "no route is dropped, so it changes no result)")
+    decoding_arguments(p)
     args = p.parse_args(argv)
     try:
         sets = {name: read_test_set(path, args.cuts_root) for name, path in args.test}
-        recognizers = {name: Recognizer(path, args.device) for name, path in args.model}
-    except (CheckpointError, DataError) as e:
+        settings = decoding_settings(args)
+        recognizers = {name: Recognizer(path, args.device, *settings) for name, path in args.model}
+    except (CheckpointError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     results = {m: {s: score(r, utts, args.max_frames) for s, utts in sets.items()} for m, r in recognizers.items()}
@@ -79,6 +90,9 @@ def main(argv=None) -> int:
     out.with_suffix(".md").write_text(md)
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         csv.writer(f).writerows(rows)
+    out.with_suffix(".json").write_text(json.dumps(
+        {m: {s: {k: v for k, v in r.items() if k != "utterance_errors"} for s, r in per_set.items()}
+         for m, per_set in results.items()}, indent=1))
     print(md, end="")
     return 0
 

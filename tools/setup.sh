@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(espeak-ng flite festival festvox-kallpc16k wordnet-base)
+# Speech synthesis for the embedded corpus; a C++ toolchain and Boost for KenLM's lmplz (tools/train_ngram.py).
+APT_PACKAGES=(espeak-ng flite festival festvox-kallpc16k wordnet-base cmake g++ libboost-program-options-dev
+              libboost-system-dev libboost-thread-dev libboost-test-dev)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

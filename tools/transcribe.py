@@ -1,7 +1,13 @@
-"""Transcribe audio files or a manifest with a consolidated model (no DeepSpeed engine), greedy CTC, batched.
+"""Transcribe audio files or a manifest with a consolidated model (no DeepSpeed engine), batched.
 
     python tools/transcribe.py --model models/omni a.flac b.wav
     python tools/transcribe.py --model models/omni --manifest test.jsonl --out hyps.jsonl --device cuda
+    python tools/transcribe.py --model models/omni --decoder beam --lm lm/3gram.arpa a.flac
+    python tools/transcribe.py --model models/omni --roster 4 --roster_temperature 0.5 a.flac
+
+Greedy CTC unless ``--decoder beam`` (``--beam``, a word n-gram with ``--lm``, ``--lm_weight``, ``--word_score``:
+``trainer/beam.py``); ``--roster K`` runs K routes per utterance in one batch and averages their posteriors
+(``trainer/model/routing.py``'s ``Roster``; ``--seed`` fixes the draws).
 
 Prints ``path<TAB>text`` per utterance; ``--out`` writes JSON lines (audio_filepath, text; the reference as
 ``ref`` when the manifest has one). Prints its throughput (seconds of audio per second) on stderr; set
@@ -17,7 +23,7 @@ import torch
 
 from trainer.data.sources import DataError, read_sources
 from trainer.export import CheckpointError
-from trainer.inference import Recognizer, audio_utterances
+from trainer.inference import Recognizer, decoding_arguments, decoding_settings, audio_utterances
 
 
 def main(argv=None) -> int:
@@ -31,11 +37,12 @@ def main(argv=None) -> int:
                    help="padded 10 ms frames per batch (default: one rank's micro-batch of the run; "
                         "no route is dropped, so it changes no result)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    decoding_arguments(p)
     args = p.parse_args(argv)
     if not args.audio and not args.manifest:
         p.error("give audio files or --manifest")
     try:
-        recognizer = Recognizer(args.model, args.device)
+        recognizer = Recognizer(args.model, args.device, *decoding_settings(args))
         utts = audio_utterances(args.audio)
         if args.manifest:
             utts += read_sources(args.manifest, [], float("inf"), strict=False)[0]

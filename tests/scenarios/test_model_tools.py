@@ -4,10 +4,14 @@ import json
 import shutil
 
 import pytest
+from safetensors.torch import save_file
 
 from tests.support.builders import run_tool as tool
 from tools.harness import launch, tiny_config
 from tools.make_cuts import make_cuts
+from trainer.config import ProjectConfig
+from trainer.data.text import normalize
+from trainer.model.ctc import CTCModel
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -122,7 +126,7 @@ def test_tools_name_wrong_paths_and_checkpoints_of_another_kind(trained, models,
     assert bad.returncode == 2 and f"{tmp_path / 'noise.wav'}: not a readable audio file" in bad.stderr
     not_run = tool("tools/plot_runs.py", str(tmp_path), "--out", str(tmp_path / "c.png"))
     assert not_run.returncode == 2 and f"{tmp_path}: no metrics.jsonl" in not_run.stderr
-    for script in ("consolidate_checkpoint", "transcribe", "evaluate", "analyze_routing", "plot_runs"):
+    for script in ("consolidate_checkpoint", "transcribe", "evaluate", "analyze_routing", "plot_runs", "train_ngram"):
         helped = tool(f"tools/{script}.py", "--help")
         assert helped.returncode == 0 and "usage:" in helped.stdout
 
@@ -147,3 +151,53 @@ def test_a_causal_cape_model_trains_consolidates_transcribes_and_evaluates(corpu
     dev = json.loads((run / "results.json").read_text())["dev"]["sets"]["dev"]
     table = list(csv.reader(open(tmp_path / "wer.csv")))
     assert [float(x) for x in table[1][1:3]] == pytest.approx([dev["wer"], dev["cer"]], abs=0.006)
+
+
+def test_a_roster_through_the_tools_k1_and_a_cold_roster_transcribe_as_plain_and_a_dense_model_is_refused(
+        models, corpus, tmp_path):
+    dev = str(corpus / "dev.jsonl")
+    plain = tool("tools/transcribe.py", "--model", str(models["switch"]), "--manifest", dev)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    for flags in (["--roster", "1"], ["--roster", "3", "--roster_temperature", "1e-6"]):
+        same = tool("tools/transcribe.py", "--model", str(models["switch"]), "--manifest", dev, *flags)
+        assert same.returncode == 0 and same.stdout == plain.stdout, (flags, same.stderr[-2000:])
+    seeded = [tool("tools/transcribe.py", "--model", str(models["switch"]), "--manifest", dev, "--roster", "4",
+                   "--roster_temperature", "3", "--seed", seed).stdout for seed in ("5", "5", "6")]
+    assert seeded[0] == seeded[1] and seeded[0] != plain.stdout
+    dense = tmp_path / "dense"  # a consolidated dense model: the omni folder's files, its config made dense
+    meta = json.loads((models["omni"] / "config.json").read_text())
+    meta["project_config"]["moe"]["mode"] = "dense"
+    project = ProjectConfig.model_validate(meta["project_config"])
+    dense.mkdir()
+    shutil.copyfile(models["omni"] / "tokenizer.model", dense / "tokenizer.model")
+    save_file(CTCModel(project.model, project.moe, meta["vocab_size"]).state_dict(), str(dense / "model.safetensors"))
+    (dense / "config.json").write_text(json.dumps(meta))
+    refused = tool("tools/evaluate.py", "--model", str(dense), "--test", dev, "--roster", "2", "--out",
+                   str(tmp_path / "x"))
+    assert refused.returncode == 2 and "a dense model has no router, so no roster of experts" in refused.stderr
+    assert tool("tools/evaluate.py", "--model", str(dense), "--test", dev, "--out", str(tmp_path / "y")).returncode == 0
+
+
+def test_a_word_ngram_of_the_training_texts_decodes_in_the_beam_through_evaluate(models, corpus, tmp_path):
+    """tools/train_ngram.py builds KenLM's lmplz from its pinned source on first use (minutes, once per machine)."""
+    made = tool("tools/train_ngram.py", "--manifest", str(corpus / "train.jsonl"), "--order", "3", "--out",
+                str(tmp_path / "lm"))
+    assert made.returncode == 0, made.stderr[-3000:]
+    words = set((tmp_path / "lm" / "words.txt").read_text().split())
+    texts = [json.loads(line)["text"] for line in (corpus / "train.jsonl").read_text().splitlines()]
+    assert words == {w for t in texts for w in normalize(t).split()}
+    assert "ngram 3=" in (tmp_path / "lm" / "lm.arpa").read_text()[:200]
+    results = {}
+    for name, flags in (("greedy", []), ("arpa", ["--lm", str(tmp_path / "lm" / "lm.arpa")]),
+                        ("binary", ["--lm", str(tmp_path / "lm" / "lm.bin"), "--lm_words",
+                                    str(tmp_path / "lm" / "words.txt")])):
+        decoder = ["--decoder", "beam", "--beam", "10"] if flags else []
+        proc = tool("tools/evaluate.py", "--model", f"omni={models['omni']}", "--test", str(corpus / "dev.jsonl"),
+                    *decoder, *flags, "--out", str(tmp_path / name))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())["omni"]["dev"]
+        assert results[name]["seconds"] > 0 and results[name]["audio_seconds"] > 0
+    assert results["arpa"]["wer"] == results["binary"]["wer"]  # one model in two formats
+    no_beam = tool("tools/evaluate.py", "--model", str(models["omni"]), "--test", str(corpus / "dev.jsonl"), "--lm",
+                   str(tmp_path / "lm" / "lm.arpa"), "--out", str(tmp_path / "z"))
+    assert no_beam.returncode == 2 and "--lm decodes with the beam: add --decoder beam" in no_beam.stderr

@@ -15,7 +15,7 @@ from deepspeed.moe.layer import MoE
 
 from trainer.config import ModelConfig, MoEConfig
 from trainer.model.experts import GroupedExperts, dropless_moe, grouped_mm_fast
-from trainer.model.routing import RouteCall, RouterGate, RoutingStats
+from trainer.model.routing import Roster, RosterDraw, RouteCall, RouterGate, RoutingStats
 from trainer.runtime import distributed
 from trainer.runtime.deepspeed_contract import gate_of, install_experts, install_gate, local_experts
 
@@ -48,7 +48,7 @@ class DenseFeedForward(nn.Sequential):
     def __init__(self, d_model: int, ffn_dim: int):
         super().__init__(*feed_forward(d_model, ffn_dim))
 
-    def forward(self, x: torch.Tensor, routed: torch.Tensor, max_frames: int):
+    def forward(self, x: torch.Tensor, routed: torch.Tensor, max_frames: int, roster=None):
         """[B, T, D] -> ([B, T, D], no routing)."""
         return super().forward(x), None
 
@@ -85,11 +85,12 @@ class MoEFeedForward(nn.Module):
         """The router this layer calls (shared by all layers under omni)."""
         return gate_of(self.moe)
 
-    def forward(self, x: torch.Tensor, routed: torch.Tensor, max_frames: int):
+    def forward(self, x: torch.Tensor, routed: torch.Tensor, max_frames: int, roster: RosterDraw = None):
         """x [B, T, D], routed [B, T] (frames to route), max_frames (the capacity's frame count, 0 where none is
-        needed: ``CTCModel.max_frames``) -> (y [B, T, D], RoutingStats); unrouted frames get 0."""
+        needed: ``CTCModel.max_frames``), roster (inference: this layer's draws) -> (y [B, T, D], RoutingStats);
+        unrouted frames get 0."""
         dropless = self.dropless or not self.training
-        call = RouteCall(routed.reshape(-1), max_frames, dropless=dropless)
+        call = RouteCall(routed.reshape(-1), max_frames, dropless=dropless, roster=roster)
         if not dropless:
             y, _, _ = self.moe(x, call)
             return y, call.stats
@@ -111,14 +112,15 @@ class Block(nn.Module):
         self.ffn = ffn
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, real: torch.Tensor, routed: torch.Tensor, max_frames: int, causal_mask=None):
+    def forward(self, x: torch.Tensor, real: torch.Tensor, routed: torch.Tensor, max_frames: int, causal_mask=None,
+                roster: RosterDraw = None):
         """x [B, T, D]; real [B, T] (attended frames); routed [B, T] (the real frames of utterances that carry
-        loss: the only ones the MoE routes and counts); max_frames, passed to the FFN (``CTCModel.max_frames``)
-        -> (x [B, T, D], RoutingStats or None)."""
+        loss: the only ones the MoE routes and counts); max_frames and roster, passed to the FFN
+        (``CTCModel.max_frames``, ``Roster``) -> (x [B, T, D], RoutingStats or None)."""
         h = self.ln_attn(x)
         h, _ = self.attn(h, h, h, key_padding_mask=~real, attn_mask=causal_mask, need_weights=False)
         x = x + self.drop(h)
-        h, stats = self.ffn(self.ln_ffn(x), routed, max_frames)
+        h, stats = self.ffn(self.ln_ffn(x), routed, max_frames, roster)
         return x + self.drop(h), stats
 
 
@@ -243,10 +245,11 @@ class CTCModel(nn.Module):
         return sinusoids(torch.arange(real.shape[1], device=real.device), self.cfg.d_model).expand(
             real.shape[0], -1, -1)
 
-    def forward(self, feats: torch.Tensor, lengths: torch.Tensor, carries_loss: torch.Tensor = None) -> ModelOutput:
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor, carries_loss: torch.Tensor = None,
+                roster: Roster = None) -> ModelOutput:
         """feats [B, T, n_mels] on the model's device; lengths [B] input frames and carries_loss [B] bool (default:
         all), both best on the host. Frames of utterances that carry no loss (the stand-in of an all-failed batch)
-        are attended but never routed nor counted by a router."""
+        are attended but never routed nor counted by a router. ``roster`` (inference): how each row routes."""
         x, out_lengths, real = self.frontend(feats, lengths)
         carries_loss = torch.ones_like(lengths, dtype=torch.bool) if carries_loss is None else carries_loss
         routed = real & carries_loss.to(real.device, non_blocking=True).unsqueeze(1)
@@ -254,9 +257,13 @@ class CTCModel(nn.Module):
         max_frames = self.max_frames(out_lengths, carries_loss.to(out_lengths.device))
         T = x.shape[1]  # causal: True above the diagonal masks every later frame
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1) if self.cfg.causal else None
-        routing = []
+        routing, layer = [], 0
         for block in self.blocks:
-            x, stats = block(x, real, routed, max_frames, causal)
+            draw = None
+            if roster is not None and isinstance(block.ffn, MoEFeedForward):
+                draw = roster.draw(layer, out_lengths.tolist(), T, self.moe_cfg.num_experts, x.device)
+                layer += 1
+            x, stats = block(x, real, routed, max_frames, causal, draw)
             if stats is not None:
                 routing.append(stats)
         logits = self.logits(self.ln_out(x))

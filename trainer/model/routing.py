@@ -9,7 +9,8 @@ Why not DeepSpeed's gating functions, whose linear ``wg``, jitter and 7-tuple co
 A call, in steps (shape suffixes: S frames, E experts, K choices, D model width):
 1. ``router_probs``: fp32 logits and softmax.
 2. ``choose_experts``: top-k; when sampling, top-2's second choice by Gumbel noise (GShard), top-1's one choice
-   under ``RSample`` (as DeepSpeed's ``top1gating``).
+   under ``RSample`` (as DeepSpeed's ``top1gating``); at inference under a ``Roster``, Gumbel-top-k over the
+   logits / temperature for the frames of copies 1..K-1.
 3. ``assign_slots``: places in each expert's buffer, first choices first, then by router probability; padding
    never placed.
 4. ``train_capacity``: ``ceil(k * capacity_factor * frames / E)``, ``frames`` the expert-parallel group's largest
@@ -19,6 +20,7 @@ A call, in steps (shape suffixes: S frames, E experts, K choices, D model width)
 6. ``RoutingStats``: the sums the losses need, normalised over the global batch by ``trainer.model.objective``.
 """
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -49,11 +51,44 @@ class RoutingStats:
 
 
 @dataclass
+class RosterDraw:
+    """One MoE layer's share of a ``Roster``: what its choice of experts adds to the logits."""
+    gumbel_SE: torch.Tensor  # Gumbel noise per frame and expert (0 for copy 0 and padding)
+    sampled_S: torch.Tensor  # bool, the frames of copies 1..K-1
+    temperature: float
+
+
+@dataclass
+class Roster:
+    """K routes per utterance at inference (Roster of Experts, arXiv 2509.17238): the batch holds K copies of
+    each utterance; copy 0 routes as trained, copies 1..K-1 draw each MoE layer's experts by Gumbel-max over the
+    router logits / ``temperature`` (omni: the shared router, drawn anew per layer). The noise of a row comes
+    from (seed, utterance, copy, layer) alone, so an utterance's routes do not depend on its batch."""
+    seed: int
+    utterances: list[int]  # per batch row: the utterance's index
+    copies: list[int]  # per batch row: its copy, 0..K-1
+    temperature: float
+
+    def draw(self, layer: int, lengths: list[int], frames: int, experts: int, device) -> RosterDraw:
+        """Layer ``layer``'s noise for a batch of ``len(lengths)`` rows of ``frames`` encoder frames (``lengths``:
+        each row's real frames) -> RosterDraw over the flattened [rows * frames] frames."""
+        gumbel = torch.zeros(len(lengths), frames, experts)
+        for row, (utt, copy, n) in enumerate(zip(self.utterances, self.copies, lengths)):
+            if copy:
+                g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{utt}:{copy}:{layer}".encode()))
+                u = torch.rand(n, experts, generator=g).clamp(1e-10, 1 - 1e-7)
+                gumbel[row, :n] = -torch.log(-torch.log(u))
+        sampled = torch.tensor(self.copies).bool().unsqueeze(1).expand(-1, frames)
+        return RosterDraw(gumbel.reshape(-1, experts).to(device), sampled.reshape(-1).to(device), self.temperature)
+
+
+@dataclass
 class RouteCall:
     """The per-call input that rides in ``MOELayer``'s ``used_token`` slot, and the call's statistics back."""
     real_S: torch.Tensor  # bool, False for padding
     max_frames: int  # largest real-frame count of one rank in the expert-parallel group (training capacity)
     dropless: bool = False  # no capacity at all: every route is computed (trainer.model.experts.dropless_moe)
+    roster: Optional[RosterDraw] = None  # inference with a roster of experts
     stats: Optional[RoutingStats] = None
 
 
@@ -90,7 +125,7 @@ class RouterGate(TopKGate):
                                       self.min_capacity)
         else:
             capacity = None  # no drop: the busiest expert of the group sets it
-        return route(logits_SE, call.real_S, self.k, capacity, sample, self.ep_group)
+        return route(logits_SE, call.real_S, self.k, capacity, sample, self.ep_group, call.roster)
 
 
 def router_probs(logits_SE: torch.Tensor) -> torch.Tensor:
@@ -98,8 +133,14 @@ def router_probs(logits_SE: torch.Tensor) -> torch.Tensor:
     return F.softmax(logits_SE, dim=-1)
 
 
-def choose_experts(logits_SE: torch.Tensor, k: int, sample: bool) -> torch.Tensor:
-    """[K, S] expert ids. Sampling (Gumbel-max) draws the second choice for top-2 and the only one for top-1."""
+def choose_experts(logits_SE: torch.Tensor, k: int, sample: bool, roster: Optional[RosterDraw] = None
+                   ) -> torch.Tensor:
+    """[K, S] expert ids. Sampling (Gumbel-max) draws the second choice for top-2 and the only one for top-1. A
+    roster's sampled frames take the top k of logits / temperature + Gumbel noise (sampling without
+    replacement); its other frames route as trained."""
+    if roster is not None:
+        noisy_SE = logits_SE / roster.temperature + roster.gumbel_SE
+        return torch.topk(torch.where(roster.sampled_S.unsqueeze(1), noisy_SE, logits_SE), k, dim=-1).indices.t()
     if not sample:
         return torch.topk(logits_SE, k, dim=-1).indices.t()
     noisy_SE = logits_SE + gumbel_rsample(logits_SE.shape, device=logits_SE.device)
@@ -163,14 +204,14 @@ DROPLESS = -1  # route()'s capacity for the dropless dispatch: no buffer, nothin
 
 
 def route(logits_SE: torch.Tensor, real_S: torch.Tensor, k: int, capacity: Optional[int], sample: bool,
-          ep_group=None):
+          ep_group=None, roster: Optional[RosterDraw] = None):
     """Route S frames to E experts; return ``MOELayer``'s 7-tuple and the call's ``RoutingStats``.
 
     ``capacity`` None means no drop in a capacity buffer: the busiest expert over the expert-parallel group sets
     it (a collective); ``DROPLESS`` means no buffer at all (the recorded capacity is the local busiest)."""
     S, E = logits_SE.shape
     probs_SE = router_probs(logits_SE)
-    indices_KS = choose_experts(logits_SE, k, sample)
+    indices_KS = choose_experts(logits_SE, k, sample, roster)
     chosen_KS = chosen_probs(probs_SE, indices_KS)
     gates_KS = gate_values(chosen_KS)
     placed_KS = real_S.unsqueeze(0).expand_as(indices_KS)

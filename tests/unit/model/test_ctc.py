@@ -8,6 +8,7 @@ import torch
 from tests.support.builders import (VOCAB, batch, build, fill_weights, local_loss, queued_gpu_seed, tiny_project,
                                     union)
 from trainer.model.ctc import CTCModel, cape_positions
+from trainer.model.routing import Roster
 from trainer.runtime.deepspeed_contract import local_experts
 
 
@@ -159,3 +160,46 @@ def test_the_aligned_head_gives_the_same_log_probs_and_gradients_and_keeps_the_p
     assert results[1][0].shape[-1] == VOCAB + 1 and model.head.weight.shape == (VOCAB + 1, p.model.d_model)
     for a, b_ in zip(*results):
         torch.testing.assert_close(a, b_)
+
+
+def roster_rows(model, b: dict, k: int, temperature: float, seed: int = 0):
+    """Log-probs [K, B, T', V] of the K copies of a batch under a roster (copy-major, as inference runs them)."""
+    B = len(b["lengths"])
+    roster = Roster(seed, list(range(B)) * k, [c for c in range(k) for _ in range(B)], temperature)
+    out = model(b["feats"].repeat(k, 1, 1), b["lengths"].repeat(k), roster=roster)
+    return out.log_probs.view(k, B, *out.log_probs.shape[1:]), out.routing
+
+
+@pytest.mark.parametrize("mode", ["omni", "switch"])
+def test_a_roster_routes_copy_zero_as_trained_and_draws_the_others_by_temperature(mode):
+    model, _ = build(mode, layers=3)
+    model.eval()
+    b = batch(3, lengths=(20, 16, 11))
+    with torch.no_grad():
+        plain = model(b["feats"], b["lengths"]).log_probs
+        one, _ = roster_rows(model, b, 1, 1.0)
+        assert torch.equal(one[0], plain)  # K=1 is plain inference, exactly
+        # A batch four times larger computes copy 0 within float rounding of the plain batch (not bit for bit).
+        cold, _ = roster_rows(model, b, 4, 1e-6)  # T -> 0: every copy takes the argmax
+        assert all(torch.equal(cold[c], cold[0]) for c in range(4))
+        torch.testing.assert_close(cold[0], plain, rtol=0, atol=1e-5)
+        warm, routing = roster_rows(model, b, 4, 1.0)
+        torch.testing.assert_close(warm[0], plain, rtol=0, atol=1e-5)
+        assert all((warm[c] - plain).abs().max() > 1e-2 for c in range(1, 4))
+        again, _ = roster_rows(model, b, 4, 1.0)
+        other, _ = roster_rows(model, b, 4, 1.0, seed=1)
+    assert torch.equal(again, warm) and not torch.equal(other, warm)  # the seed decides the draws
+    B, T = 3, warm.shape[2]
+    for stats in routing:  # the copies' choices differ from copy 0's on some real frames of every layer
+        first = stats.first_choice_S.view(4, B, T)
+        assert (first[1:] != first[0]).any() and ((first >= 0) == (first[0] >= 0)).all()
+
+
+def test_a_rosters_noise_belongs_to_the_utterance_not_to_its_batch():
+    a = Roster(7, [5, 9], [1, 1], 1.0).draw(2, [6, 4], 8, 4, "cpu")
+    b = Roster(7, [9], [1], 1.0).draw(2, [4], 5, 4, "cpu")  # utterance 9 alone, in a shorter batch
+    assert torch.equal(a.gumbel_SE.view(2, 8, 4)[1, :4], b.gumbel_SE.view(1, 5, 4)[0, :4])
+    assert not a.gumbel_SE.view(2, 8, 4)[1, 4:].any()  # padding draws nothing
+    c = Roster(7, [9, 9], [0, 2], 1.0).draw(2, [4, 4], 4, 4, "cpu")
+    assert not c.gumbel_SE.view(2, 4, 4)[0].any() and c.sampled_S.view(2, 4).tolist() == [[False] * 4, [True] * 4]
+    assert not torch.equal(c.gumbel_SE.view(2, 4, 4)[1], b.gumbel_SE.view(1, 5, 4)[0, :4])  # another copy
