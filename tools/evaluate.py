@@ -59,6 +59,15 @@ def tables(results: dict, sets: list[str]) -> tuple[str, list[list]]:
     return md + "\n", [header, *rows]
 
 
+def output_paths(prefix: str) -> dict:
+    """{".md", ".csv", ".json": path} of an output prefix; dots in it stay (``w0.5`` gives ``w0.5.md``), and a prefix
+    that already ends in one of the three suffixes loses it."""
+    p = Path(prefix)
+    if p.suffix in (".md", ".csv", ".json"):
+        p = p.with_suffix("")
+    return {ext: p.with_name(p.name + ext) for ext in (".md", ".csv", ".json")}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, type=named, help="[NAME=]consolidated folder")
@@ -85,12 +94,12 @@ def main(argv=None) -> int:
             if r["unreadable"]:
                 print(f"{m} on {s}: {r['unreadable']} utterances unreadable, left out", file=sys.stderr)
     md, rows = tables(results, list(sets))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(md)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
+    paths = output_paths(args.out)
+    paths[".md"].parent.mkdir(parents=True, exist_ok=True)
+    paths[".md"].write_text(md)
+    with open(paths[".csv"], "w", newline="") as f:
         csv.writer(f).writerows(rows)
-    out.with_suffix(".json").write_text(json.dumps(
+    paths[".json"].write_text(json.dumps(
         {m: {s: {k: v for k, v in r.items() if k != "utterance_errors"} for s, r in per_set.items()}
          for m, per_set in results.items()}, indent=1))
     print(md, end="")
