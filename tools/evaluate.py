@@ -7,10 +7,10 @@
 
 A test set is a NeMo manifest or a Lhotse cut set (e.g. libriheavy_cuts_test_clean.jsonl.gz, with --cuts_root).
 One row per model, one WER and one CER column per test set, then the averages, as in the paper's tables
-(CER beside it: at small scale it is the informative one); PREFIX.json adds the counts and the seconds each
-model took per set. Scored with jiwer on the trainer's own text normaliser; an utterance whose audio cannot be
-read is left out and counted. The decoding flags are tools/transcribe.py's (``--decoder beam``, ``--lm``,
-``--roster``, ...).
+(CER beside it: at small scale it is the informative one); PREFIX.json adds the counts, the seconds each
+model took per set and each utterance's (word errors, reference words), for tools/paired_bootstrap.py. Scored
+with jiwer on the trainer's own text normaliser; an utterance whose audio cannot be read is left out and
+counted. The decoding flags are tools/transcribe.py's (``--decoder beam``, ``--lm``, ``--roster``, ...).
 """
 import argparse
 import csv
@@ -99,9 +99,7 @@ def main(argv=None) -> int:
     paths[".md"].write_text(md)
     with open(paths[".csv"], "w", newline="") as f:
         csv.writer(f).writerows(rows)
-    paths[".json"].write_text(json.dumps(
-        {m: {s: {k: v for k, v in r.items() if k != "utterance_errors"} for s, r in per_set.items()}
-         for m, per_set in results.items()}, indent=1))
+    paths[".json"].write_text(json.dumps(results))
     print(md, end="")
     return 0
 
