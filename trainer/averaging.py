@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint
-from trainer.checkpoint import MODEL_DEFINING, config_changes, read_record, step_of
+from trainer.checkpoint import MODEL_DEFINING, config_changes, step_of
 from trainer.config import ProjectConfig
 from trainer.export import CheckpointError, build, read_deepspeed, write_consolidated
 from trainer.model.experts import PER_EXPERT_KEYS
 from trainer.runtime import integrity
-from trainer.runtime.deepspeed_contract import EXPERT_PARAM, SAFE_GLOBALS, ZERO_FILE
+from trainer.runtime.deepspeed_contract import SAFE_GLOBALS, ZERO_FILE
 
 EXPERTS = ".deepspeed_moe.experts."  # in a parameter name: an expert's weight, stacked or by index
 
@@ -64,15 +64,7 @@ def best(src: str, n: int) -> list[Path]:
     """The ``n`` usable checkpoints of a run with the lowest mean dev WER in their records (the newer of two
     equal), best first. Only checkpoints saved at an evaluation have one."""
     ckpt_dir = checkpoints_dir(src)
-    scored = []
-    for tag in checkpoint.tags(ckpt_dir):
-        try:
-            wer = read_record(ckpt_dir, tag).dev_wer
-        except Exception:  # unreadable: ``usable`` would name it, but without a score it is not a candidate
-            continue
-        if wer is not None:
-            scored.append((wer, -step_of(tag), tag))
-    return usable(ckpt_dir, [tag for *_, tag in sorted(scored)], n, "best-scored",
+    return usable(ckpt_dir, checkpoint.best_scored(ckpt_dir), n, "best-scored",
                   "evaluate more often (run.eval_every: each evaluation saves a scored checkpoint) and keep them "
                   "(run.keep_best)")
 
@@ -94,11 +86,11 @@ def master_weights(tag_dir: Path, saved: dict) -> dict:
         for e in range(ep) if expert else [None]:
             ranks = range(world) if e is None else range(e, world, ep)
             flat = torch.cat([slices[r][g].float().view(-1) for r in ranks])
-            masters.update(_unflatten(flat, shapes, e, saved, tag_dir))
+            masters.update(_unflatten(flat, shapes, e, tag_dir))
     return masters
 
 
-def _unflatten(flat: torch.Tensor, shapes: dict, ep_rank, saved: dict, tag_dir: Path) -> dict:
+def _unflatten(flat: torch.Tensor, shapes: dict, ep_rank, tag_dir: Path) -> dict:
     """One group's parameters from its flat fp32 copy; the stacked experts of ``ep_rank`` by global id."""
     out, offset = {}, 0
     for name, shape in shapes.items():
@@ -110,14 +102,9 @@ def _unflatten(flat: torch.Tensor, shapes: dict, ep_rank, saved: dict, tag_dir: 
         if ep_rank is None:
             out[name] = t
             continue
-        prefix, _, stacked = name.rpartition(".")
-        m = EXPERT_PARAM.search(name)
-        if m:  # one expert by local index
-            n_local = saved["project_config"]["moe"]["num_experts"] // saved.get("ep_size", 1)
-            out[EXPERT_PARAM.sub(f".deepspeed_experts.{ep_rank * n_local + int(m[1])}.", name)] = t
-        else:  # GroupedExperts: [n_local, ...] under w1, b1, w2, b2
-            for j in range(t.shape[0]):
-                out[f"{prefix}.deepspeed_experts.{ep_rank * t.shape[0] + j}.{PER_EXPERT_KEYS[stacked]}"] = t[j]
+        prefix, _, stacked = name.rpartition(".")  # GroupedExperts: [n_local, ...] under w1, b1, w2, b2
+        for j in range(t.shape[0]):
+            out[f"{prefix}.deepspeed_experts.{ep_rank * t.shape[0] + j}.{PER_EXPERT_KEYS[stacked]}"] = t[j]
     return out
 
 

@@ -279,18 +279,24 @@ class Keep:
     also: set
 
     def tags(self, ckpt_dir: Path) -> set:
-        """The tags to keep among those on disk (records read memory-mapped; an unreadable one is not scored)."""
+        """The tags to keep among those on disk."""
         present = tags(ckpt_dir)
-        scored = []
-        for tag in present:
-            try:
-                wer = read_record(ckpt_dir, tag).dev_wer
-            except Exception:  # a damaged checkpoint: pruned like any unscored one
-                continue
-            if wer is not None:
-                scored.append((wer, -step_of(tag), tag))
         newest = present if self.last == 0 else present[-self.last:]
-        return set(newest) | {tag for *_, tag in sorted(scored)[:self.best]} | (self.also & set(present))
+        return set(newest) | set(best_scored(ckpt_dir)[:self.best]) | (self.also & set(present))
+
+
+def best_scored(ckpt_dir: Path) -> list[str]:
+    """The tags whose records hold a mean dev WER, lowest first (the newer of two equal); records are read
+    memory-mapped, and one that cannot be read is not scored (its checkpoint is named when it is verified)."""
+    scored = []
+    for tag in tags(ckpt_dir):
+        try:
+            wer = read_record(ckpt_dir, tag).dev_wer
+        except Exception:  # torch raises several types for a damaged archive
+            continue
+        if wer is not None:
+            scored.append((wer, -step_of(tag), tag))
+    return [tag for *_, tag in sorted(scored)]
 
 
 def _rng_states() -> dict:
