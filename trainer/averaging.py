@@ -25,7 +25,7 @@ from trainer.model.experts import PER_EXPERT_KEYS
 from trainer.runtime import integrity
 from trainer.runtime.deepspeed_contract import SAFE_GLOBALS, ZERO_FILE
 
-EXPERTS = ".deepspeed_moe.experts."  # in a parameter name: an expert's weight, stacked or by index
+EXPERTS = ".deepspeed_moe.experts."  # in a parameter group's names: the group holds experts (stacked)
 
 
 def checkpoints_dir(src: str) -> Path:
