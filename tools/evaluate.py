@@ -2,7 +2,7 @@
 
     python tools/evaluate.py --model dense=models/dense --model switch=models/switch --model omni=models/omni \\
         --test clean=test_clean.jsonl --test other=test_other.jsonl --out results/wer
-    python tools/evaluate.py --model omni=models/omni --test dev.jsonl --decoder beam --lm lm/3gram.arpa \\
+    python tools/evaluate.py --model omni=models/omni --test dev.jsonl --decoder beam --lm lm/lm.arpa \\
         --out results/lm
 
 A test set is a NeMo manifest or a Lhotse cut set (e.g. libriheavy_cuts_test_clean.jsonl.gz, with --cuts_root).

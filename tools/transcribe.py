@@ -2,7 +2,7 @@
 
     python tools/transcribe.py --model models/omni a.flac b.wav
     python tools/transcribe.py --model models/omni --manifest test.jsonl --out hyps.jsonl --device cuda
-    python tools/transcribe.py --model models/omni --decoder beam --lm lm/3gram.arpa a.flac
+    python tools/transcribe.py --model models/omni --decoder beam --lm lm/lm.arpa a.flac
     python tools/transcribe.py --model models/omni --roster 4 --roster_temperature 0.5 a.flac
 
 Greedy CTC unless ``--decoder beam`` (``--beam``, a word n-gram with ``--lm``, ``--lm_weight``, ``--word_score``:

@@ -87,12 +87,12 @@ class Recognizer:
     def roster_output(self, feats: torch.Tensor, lengths: torch.Tensor, index: list[int]):
         """The model's output with log-probabilities averaged over the roster's K copies in probability space
         (K=1: the model's own); the K copies run as one batch of K * B rows, copy-major."""
-        k, spec = self.roster.k, self.roster
+        spec, k = self.roster, self.roster.k
         roster = Roster(spec.seed, index * k, [c for c in range(k) for _ in index], spec.temperature)
         out = self.model(feats.repeat(k, 1, 1), lengths.repeat(k), roster=roster)
         B = len(index)
         mean = out.log_probs.view(k, B, *out.log_probs.shape[1:]).logsumexp(0) - math.log(k)
-        return out._replace(log_probs=mean, lengths=out.lengths[:B], routing=out.routing)
+        return out._replace(log_probs=mean, lengths=out.lengths[:B])
 
     def transcribe(self, utts: list[Utterance], max_frames: Optional[int] = None, workers: int = 0) -> dict:
         """{utterance index: text} for every utterance whose audio could be read."""

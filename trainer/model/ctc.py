@@ -258,10 +258,11 @@ class CTCModel(nn.Module):
         T = x.shape[1]  # causal: True above the diagonal masks every later frame
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1) if self.cfg.causal else None
         routing, layer = [], 0
+        rows = out_lengths.tolist() if roster is not None else None  # inference only: each row's real frames
         for block in self.blocks:
             draw = None
             if roster is not None and isinstance(block.ffn, MoEFeedForward):
-                draw = roster.draw(layer, out_lengths.tolist(), T, self.moe_cfg.num_experts, x.device)
+                draw = roster.draw(layer, rows, T, self.moe_cfg.num_experts, x.device)
                 layer += 1
             x, stats = block(x, real, routed, max_frames, causal, draw)
             if stats is not None:
